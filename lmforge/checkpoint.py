@@ -1,0 +1,89 @@
+"""Loading a trained model back: ``lmforge.load_model(path)``.
+
+Checkpoints carry plain-data metadata (``checkpoint["lmforge"]``: family, each plugin's name and
+options, plugin versions, the tokenizer) so a model is rebuilt from the plugin registry, never by
+unpickling objects: every load uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a file path or a run directory (its ``checkpoints/last.ckpt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
+        if found:
+            return found[-1]
+        raise LmforgeError(f"No checkpoint found in the directory {path} (looked for checkpoints/last.ckpt).")
+    if not path.is_file():
+        raise LmforgeError(f"Checkpoint {path} does not exist. Pass a .ckpt file or a run directory.")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's contents safely (tensors and plain Python types only)."""
+    file = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LmforgeError(
+            f"Cannot read checkpoint {file}: {type(exc).__name__}: {str(exc).splitlines()[0]}. It is corrupt, "
+            "truncated, or holds objects other than tensors and plain data (lmforge never unpickles code)."
+        ) from None
+    if not isinstance(checkpoint, dict) or "lmforge" not in checkpoint:
+        raise LmforgeError(
+            f"{file} is not an lmforge checkpoint (no 'lmforge' metadata). Convert foreign weights with "
+            "`lmforge convert` first."
+        )
+    return checkpoint
+
+
+def build_plugin(kind: str, config: dict[str, Any] | None):
+    """Rebuild a plugin from its stored ``{"name", "class_path", "init_args"}``."""
+    from lmforge.plugin_manager import get_registry
+
+    if config is None:
+        return None
+    info = get_registry().get(kind, config["name"])
+    try:
+        return info.cls(**config.get("init_args", {}))
+    except TypeError as exc:
+        raise LmforgeError(
+            f"The {kind} '{config['name']}' installed now ({info.source.describe()}) does not accept the options "
+            f"stored in the checkpoint: {exc}. Install the plugin version that wrote the checkpoint."
+        ) from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Return a ready model (in eval mode) from an lmforge checkpoint file or run directory.
+
+    The model's tokenizer, when the run had one, is available as ``model.tokenizer()``.
+    """
+    from lmforge.families import FAMILY_MODULES
+    from lmforge.families.base import check_same_shapes
+
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint["lmforge"]
+    family = meta.get("family")
+    if family not in FAMILY_MODULES:
+        raise LmforgeError(f"The checkpoint's family '{family}' is not known to this lmforge ({', '.join(FAMILY_MODULES)}).")
+    architecture = build_plugin("architecture", meta["architecture"])
+    objective = build_plugin("objective", meta["objective"])
+    task = build_plugin("task", meta.get("task"))
+    module = FAMILY_MODULES[family](architecture=architecture, objective=objective, task=task, **meta["module_options"])
+    state = checkpoint["state_dict"]
+    check_same_shapes(module.state_dict(), state)
+    module.load_state_dict(state)
+    module.tokenizer_json = meta.get("tokenizer_json")
+    return module.to(map_location).eval()

@@ -1,0 +1,224 @@
+"""The ``lmforge`` command.
+
+``fit | validate | test | predict`` are LightningCLI subcommands driven by YAML (``--config``) with
+dotted overrides; ``generate``, ``plugins`` and ``tokenizer`` are small tools of their own. Every
+user mistake ends as one paragraph on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hidden network: nothing is ever downloaded
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from lmforge.errors import LmforgeError, closest  # noqa: E402
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """\
+usage: lmforge COMMAND [options]
+
+Train encoder, decoder and seq2seq language models assembled from plugins.
+
+Training (LightningCLI; `lmforge fit --help` lists every option):
+  fit         train a model:             lmforge fit --config configs/gpt-tiny.yaml
+  validate    validation loss of a model: lmforge validate --config X.yaml --ckpt_path CKPT
+  test        test loss of a model
+  predict     run the model's task over a dataset
+
+Tools:
+  generate    sample text from a checkpoint: lmforge generate --checkpoint RUN_DIR --prompt "Once"
+  plugins     list the installed plugins:    lmforge plugins list [--json]
+  tokenizer   train a tokenizer:             lmforge tokenizer train FILES... --output tokenizer.json
+
+Options for every command:
+  --plugins MODULES   extra plugin modules to load (comma separated; also $LMFORGE_PLUGINS)
+  --version           print lmforge's version
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _take_plugins_option(argv)
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(HELP)
+            return 0
+        if argv[0] == "--version":
+            from lmforge import __version__
+
+            print(f"lmforge {__version__}")
+            return 0
+        command = argv[0]
+        if command in TRAINER_COMMANDS:
+            run_trainer_cli(argv)
+            return 0
+        if command in TOOLS:
+            return TOOLS[command](argv[1:])
+        raise LmforgeError(
+            f"Unknown command '{command}'.{closest(command, [*TRAINER_COMMANDS, *TOOLS])} "
+            f"Commands: {', '.join([*TRAINER_COMMANDS, *TOOLS])} (see `lmforge --help`)."
+        )
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _take_plugins_option(argv: list[str]) -> list[str]:
+    """Remove ``--plugins a,b`` from argv and export the modules to every process we start."""
+    from lmforge.plugin_manager import add_plugin_modules
+
+    out, modules = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--plugins":
+            value = next(it, None)
+            if value is None:
+                raise LmforgeError("--plugins needs a value: a comma-separated list of importable module names.")
+            modules += value.split(",")
+        elif arg.startswith("--plugins="):
+            modules += arg.split("=", 1)[1].split(",")
+        else:
+            out.append(arg)
+    if modules:
+        sys.path.insert(0, os.getcwd()) if os.getcwd() not in sys.path else None
+        add_plugin_modules(m.strip() for m in modules if m.strip())
+    return out
+
+
+def run_trainer_cli(argv: list[str]):
+    """Run a LightningCLI subcommand; returns the CLI object (for tests)."""
+    from lmforge.training_cli import LmforgeCLI
+
+    return LmforgeCLI(args=argv)
+
+
+# -- tools -----------------------------------------------------------------------------------------
+def plugins_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge plugins", description="Inspect the installed plugins.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="every plugin: name, kind, families, package, version")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    from lmforge.plugin_manager import get_registry
+
+    registry = get_registry()
+    rows = [
+        {
+            "name": info.name,
+            "kind": info.kind,
+            "families": list(info.families),
+            "package": info.source.package,
+            "version": info.source.version,
+            "status": "ok",
+        }
+        for info in registry.all()
+    ]
+    for (kind, name), sources in registry.duplicates.items():
+        rows += [
+            {"name": name, "kind": kind, "families": [], "package": s.package, "version": s.version, "status": "duplicate"}
+            for s in sources
+        ]
+    for broken in registry.broken:
+        rows.append(
+            {
+                "name": broken.source.module,
+                "kind": "?",
+                "families": [],
+                "package": broken.source.package,
+                "version": broken.source.version,
+                "status": "broken: " + broken.reason,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ["name", "kind", "families", "package", "version", "status"]
+    table = [[r["name"], r["kind"], ",".join(r["families"]), r["package"], r["version"], r["status"]] for r in rows]
+    widths = [max(len(h), *(len(str(row[i])) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def tokenizer_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge tokenizer", description="Train tokenizers.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train a tokenizer from text files and write tokenizer.json")
+    train.add_argument("files", nargs="+", help=".txt (one document per line), .jsonl, .csv or .parquet files")
+    train.add_argument("--output", required=True, help="tokenizer.json path (or a directory to write it into)")
+    train.add_argument("--vocab_size", type=int, default=1024)
+    train.add_argument("--type", choices=["bpe", "wordpiece"], default="bpe", help="byte-level BPE or WordPiece")
+    train.add_argument("--min_frequency", type=int, default=2)
+    train.add_argument("--text_column", default="text", help="column holding the text in .jsonl/.csv/.parquet")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.json")
+    args = parser.parse_args(argv)
+
+    from lmforge.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(
+        args.files,
+        args.output,
+        vocab_size=args.vocab_size,
+        kind=args.type,
+        min_frequency=args.min_frequency,
+        text_column=args.text_column,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def generate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge generate", description="Sample text from a decoder checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (uses its last.ckpt)")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lmforge.checkpoint import load_model
+    from lmforge.generation import generate
+
+    model = load_model(args.checkpoint, map_location=args.device)
+    if model.family != "decoder":
+        raise LmforgeError(f"`lmforge generate` needs a decoder checkpoint; {args.checkpoint} is a {model.family} model.")
+    tokenizer = model.tokenizer()
+    from lmforge.data.tokenizer import find_special_tokens
+
+    special = find_special_tokens(tokenizer)
+    ids = torch.tensor([tokenizer.encode(args.prompt).ids], device=args.device)
+    new = generate(
+        model.architecture,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        eos_id=special.eos_id,
+    )
+    print(args.prompt + tokenizer.decode(new[0].tolist(), skip_special_tokens=True))
+    return 0
+
+
+TOOLS = {"generate": generate_command, "plugins": plugins_command, "tokenizer": tokenizer_command}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

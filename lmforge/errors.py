@@ -1,0 +1,24 @@
+"""The one exception type users see.
+
+Every mistake a user can make (a wrong config key, an unknown plugin, an empty data file, a
+checkpoint from another model) is raised as :class:`LmforgeError` with a single paragraph that names
+the culprit and the fix. The CLI prints that paragraph and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LmforgeError(Exception):
+    """A user-facing error: its message says what is wrong and how to fix it."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """Return ``" Did you mean 'a' or 'b'?"`` for the closest candidates, or ``""`` if none is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    if not matches:
+        return ""
+    quoted = [f"'{m}'" for m in matches]
+    return " Did you mean " + " or ".join(quoted) + "?"

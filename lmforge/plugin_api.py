@@ -1,0 +1,178 @@
+"""The base classes every plugin derives from: the part of the contract that is Python classes.
+
+A plugin is a class with a unique short ``name``, the ``families`` it supports and a typed
+``__init__``. The typed ``__init__`` is the plugin's configuration: LightningCLI turns each argument
+into a YAML key, validates it, and ``--print_config`` shows its default.
+
+Three kinds exist:
+
+* :class:`Architecture` is the backbone network (an ``nn.Module``) of one or more families.
+* :class:`Objective` says how a batch is built from token ids (its ``collate``) and what loss is
+  minimised (its ``compute_loss``).
+* :class:`Task` is a fine-tuning task: head, preprocessing, metrics and what ``predict`` writes.
+
+The options a plugin was built with are recorded automatically (see :meth:`Plugin.plugin_config`),
+so checkpoints can rebuild the plugin without pickling it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+#: The three model families. A plugin lists the subset it supports in ``families``.
+FAMILIES: tuple[str, ...] = ("encoder", "decoder", "seq2seq")
+
+#: Version of the plugin contract (hook specifications and these base classes). A plugin may
+#: declare ``api_version`` to say which contract it targets.
+PLUGIN_API_VERSION = 1
+
+
+def _record_options(init):
+    """Wrap a plugin ``__init__`` so the arguments of the outermost call are kept on the instance."""
+
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapper:  # the most derived __init__ only, not a super() call
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            options = dict(bound.arguments)
+            options.pop("self")
+            for name, param in signature.parameters.items():
+                if param.kind is inspect.Parameter.VAR_KEYWORD:
+                    options.update(options.pop(name, {}))
+            object.__setattr__(self, "_plugin_options", options)
+
+    return wrapper
+
+
+class Plugin:
+    """Common base of all plugins. Subclasses set ``name`` and ``families``."""
+
+    #: Unique short name used in YAML (``class_path: gpt``) and in ``lmforge plugins list``.
+    name: ClassVar[str] = ""
+    #: The families this plugin supports, a subset of :data:`FAMILIES`.
+    families: ClassVar[tuple[str, ...]] = ()
+    #: "architecture", "objective" or "task"; set by the kind's base class.
+    kind: ClassVar[str] = ""
+    #: The plugin contract version this plugin was written against.
+    api_version: ClassVar[int] = PLUGIN_API_VERSION
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _record_options(cls.__dict__["__init__"])
+
+    def plugin_options(self) -> dict[str, Any]:
+        """The keyword arguments this instance was built with (defaults filled in)."""
+        return dict(getattr(self, "_plugin_options", {}))
+
+    def plugin_config(self) -> dict[str, Any]:
+        """A plain-data description that rebuilds this plugin: ``class_path`` and ``init_args``."""
+        cls = type(self)
+        return {
+            "name": cls.name,
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": self.plugin_options(),
+        }
+
+
+class Architecture(Plugin, nn.Module):
+    """A backbone network.
+
+    The contract by family (what the family module and the objectives call):
+
+    * ``decoder``: ``forward(input_ids, attention_mask=None, position_ids=None, document_ids=None,
+      cache=None) -> hidden`` of shape ``(B, T, d_model)``; ``logits(hidden) -> (B, T, vocab)``;
+      ``new_cache(batch_size, max_length)`` returns a key/value cache that ``forward`` fills in
+      place when it is passed (``position_ids`` then give the absolute positions of the new tokens).
+
+    ``vocab_size`` may be left ``None`` in YAML: the CLI fills it from the data's tokenizer before
+    the architecture is built.
+    """
+
+    kind: ClassVar[str] = "architecture"
+    #: Maps Hugging Face parameter names to this architecture's, when conversion is supported.
+    hf_model_type: ClassVar[str | None] = None
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not define logits()")
+
+    def new_cache(self, batch_size: int, max_length: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not support cached generation")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters exempt from weight decay beyond the default rule.
+
+        The default rule (in the family module) already exempts every tensor with fewer than two
+        dimensions (biases, norm weights) and every ``nn.Embedding`` weight.
+        """
+        return set()
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the tokenizer's special tokens, found by role rather than hard-coded.
+
+    ``None`` means the tokenizer has no token for that role.
+    """
+
+    vocab_size: int
+    pad_id: int | None = None
+    eos_id: int | None = None
+    bos_id: int | None = None
+    unk_id: int | None = None
+    mask_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+
+    def all_ids(self) -> set[int]:
+        """Every special token id that is defined."""
+        ids = (self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, self.cls_id, self.sep_id)
+        return {i for i in ids if i is not None}
+
+
+class Objective(Plugin):
+    """How the model learns: how a batch is built from token ids, and the loss.
+
+    ``collate(examples, special)`` receives a list of dataset rows (each at least
+    ``{"input_ids": list[int]}``; packed rows are exactly ``block_size`` long) and returns a dict of
+    tensors. It runs in data-loader worker processes, so an objective must be picklable (keep only
+    plain options on it).
+
+    ``compute_loss(module, batch)`` runs the module's architecture on the batch and returns a dict
+    with at least ``"loss"`` (a scalar tensor) and ``"tokens"`` (the number of tokens that count in
+    the loss, a tensor); any other entry is logged as a metric under ``train/`` or ``val/``.
+    """
+
+    kind: ClassVar[str] = "objective"
+
+    def collate(self, examples: list[dict[str, Any]], special: SpecialTokens) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_loss(self, module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Task(Plugin):
+    """A fine-tuning task: head, preprocessing of raw columns, metrics and prediction output."""
+
+    kind: ClassVar[str] = "task"
+
+
+PLUGIN_KINDS: dict[str, type[Plugin]] = {
+    "architecture": Architecture,
+    "objective": Objective,
+    "task": Task,
+}

@@ -1,0 +1,164 @@
+"""The LightningCLI behind ``lmforge fit | validate | test | predict``.
+
+What lmforge adds to a plain LightningCLI:
+
+* plugins are named by their short name (``class_path: gpt``), resolved through the plugin
+  registry, and an unknown name is refused with the closest valid names;
+* the architecture's ``vocab_size`` is filled in from the data's tokenizer when left null;
+* the run directory (``trainer.default_root_dir``) gets the resolved config, the plugin names and
+  versions, a metrics CSV and resumable checkpoints (``last.ckpt`` and the best by ``val/loss``);
+* a run directory that already holds checkpoints is never trained over: resume it with
+  ``--ckpt_path last`` or pick another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from lmforge.config_errors import ConciseArgumentParser
+from lmforge.config_names import install_short_names, validate_plugin_names
+from lmforge.data.datamodule import TextDataModule
+from lmforge.errors import LmforgeError
+from lmforge.families import LMModule
+from lmforge.run_logger import RunLogger
+
+DEFAULT_ROOT = "runs/lmforge"
+
+# Lightning notices that say nothing about the user's run.
+for _pattern in (
+    ".*args parameter is intended to run from within Python.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropAdverts())
+
+
+class RunDirectory(SaveConfigCallback):
+    """Writes ``config.yaml`` and ``plugins.json`` into the run directory, never over a different one.
+
+    On resume an identical config is left alone; a changed one is written beside it with a
+    timestamp, so the history of a run is kept.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        self.already_saved = True
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        config_text = self.parser.dump(self.config, skip_none=False)
+        _write_once(root, "config", ".yaml", config_text)
+        plugins = pl_module.lmforge_metadata()["plugins"] if isinstance(pl_module, LMModule) else []
+        _write_once(root, "plugins", ".json", json.dumps(plugins, indent=2) + "\n")
+
+
+def _write_once(root: Path, stem: str, suffix: str, text: str) -> Path:
+    target = root / f"{stem}{suffix}"
+    if target.exists() and target.read_text() != text:
+        target = root / f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+    if not target.exists():
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+    return target
+
+
+class LmforgeCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        install_short_names()
+        if args:
+            validate_plugin_names(args)
+        super().__init__(
+            LMModule,
+            TextDataModule,
+            subclass_mode_model=True,
+            save_config_callback=RunDirectory,
+            parser_class=ConciseArgumentParser,
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT},
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def _section(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._section()
+        fill_vocab_size(cfg)
+        if self.subcommand == "fit":
+            check_run_directory(Path(cfg.trainer.default_root_dir or DEFAULT_ROOT), cfg.get("ckpt_path"))
+
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self._get(self.config_init, "trainer", default={})
+        root = Path(cfg.get("default_root_dir") or DEFAULT_ROOT)
+        if cfg.get("logger") in (None, True):
+            kwargs["logger"] = RunLogger(str(root))
+        callbacks = list(cfg.get("callbacks") or [])
+        if cfg.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(root / "checkpoints"),
+                    filename="best-step{step}",
+                    monitor="val/loss",
+                    mode="min",
+                    save_top_k=1,
+                    save_last=True,
+                    auto_insert_metric_name=False,
+                )
+            )
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def fill_vocab_size(cfg) -> None:
+    """Set a null ``architecture.vocab_size`` from the tokenizer; refuse a tokenizer that is too big."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    arch = cfg.model.init_args.get("architecture") if cfg.get("model") else None
+    tokenizer_path = cfg.data.get("tokenizer") if cfg.get("data") else None
+    if arch is None or not tokenizer_path:
+        return
+    vocab = load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
+    current = arch.init_args.get("vocab_size")
+    if current is None:
+        arch.init_args.vocab_size = vocab
+    elif vocab > current:
+        raise LmforgeError(
+            f"The tokenizer {tokenizer_path} has {vocab} tokens but model.architecture.vocab_size is {current}: "
+            f"token ids would fall outside the embedding. Set vocab_size to at least {vocab}, or leave it null to "
+            "take it from the tokenizer."
+        )
+
+
+def check_run_directory(root: Path, ckpt_path: str | None) -> None:
+    """Never train over a run directory that holds checkpoints unless resuming it."""
+    if ckpt_path:
+        return
+    existing = sorted((root / "checkpoints").glob("*.ckpt")) if (root / "checkpoints").is_dir() else []
+    if existing:
+        raise LmforgeError(
+            f"The run directory {root} already holds checkpoints of another run ({existing[0].name}, ...). "
+            f"Resume it with `--ckpt_path last`, or start a new run with a different "
+            f"`--trainer.default_root_dir`; nothing was changed."
+        )

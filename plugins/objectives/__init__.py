@@ -1,0 +1,1 @@
+"""Built-in objective plugins, one module each."""
