@@ -1,8 +1,8 @@
-"""Loading a trained model back: ``lmforge.load_model(path)``.
+"""Loading a trained model back: ``lmforge.load_model(path)`` and the weights behind ``init_from``.
 
 Checkpoints carry plain-data metadata (``checkpoint["lmforge"]``: family, each plugin's name and
 options, plugin versions, the tokenizer) so a model is rebuilt from the plugin registry, never by
-unpickling objects: every load uses ``torch.load(weights_only=True)``.
+unpickling objects: every load uses ``torch.load(weights_only=True)`` or safetensors.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ def find_checkpoint(path: str | Path) -> Path:
         found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
         if found:
             return found[-1]
-        raise LmforgeError(f"No checkpoint found in the directory {path} (looked for checkpoints/last.ckpt).")
+        raise LmforgeError(
+            f"No checkpoint found in the directory {path}: it is neither a run directory (checkpoints/last.ckpt) "
+            "nor a model folder (lmforge.json + model.safetensors)."
+        )
     if not path.is_file():
-        raise LmforgeError(f"Checkpoint {path} does not exist. Pass a .ckpt file or a run directory.")
+        raise LmforgeError(f"{path} does not exist. Pass a .ckpt file, a run directory or a model folder.")
     return path
 
 
@@ -49,6 +52,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, family-module state dict) from a checkpoint, run directory or model folder."""
+    from lmforge.convert import is_model_folder, read_model_folder
+
+    if is_model_folder(path):
+        return read_model_folder(path)
+    checkpoint = read_checkpoint(path)
+    return checkpoint["lmforge"], checkpoint["state_dict"]
+
+
 def build_plugin(kind: str, config: dict[str, Any] | None):
     """Rebuild a plugin from its stored ``{"name", "class_path", "init_args"}``."""
     from lmforge.plugin_manager import get_registry
@@ -61,29 +74,38 @@ def build_plugin(kind: str, config: dict[str, Any] | None):
     except TypeError as exc:
         raise LmforgeError(
             f"The {kind} '{config['name']}' installed now ({info.source.describe()}) does not accept the options "
-            f"stored in the checkpoint: {exc}. Install the plugin version that wrote the checkpoint."
+            f"stored with the model: {exc}. Install the plugin version that wrote it."
         ) from None
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Return a ready model (in eval mode) from an lmforge checkpoint file or run directory.
+    """Return a ready model (in eval mode) from a checkpoint file, run directory or model folder.
 
-    The model's tokenizer, when the run had one, is available as ``model.tokenizer()``.
+    The model's tokenizer, when it has one, is available as ``model.tokenizer()``.
     """
     from lmforge.families import FAMILY_MODULES
     from lmforge.families.base import check_same_shapes
 
-    checkpoint = read_checkpoint(path)
-    meta = checkpoint["lmforge"]
+    meta, state = read_weights(path)
     family = meta.get("family")
     if family not in FAMILY_MODULES:
-        raise LmforgeError(f"The checkpoint's family '{family}' is not known to this lmforge ({', '.join(FAMILY_MODULES)}).")
+        raise LmforgeError(f"The model's family '{family}' is not known to this lmforge ({', '.join(FAMILY_MODULES)}).")
     architecture = build_plugin("architecture", meta["architecture"])
     objective = build_plugin("objective", meta["objective"])
     task = build_plugin("task", meta.get("task"))
     module = FAMILY_MODULES[family](architecture=architecture, objective=objective, task=task, **meta["module_options"])
-    state = checkpoint["state_dict"]
     check_same_shapes(module.state_dict(), state)
     module.load_state_dict(state)
     module.tokenizer_json = meta.get("tokenizer_json")
     return module.to(map_location).eval()
+
+
+def initial_architecture_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Architecture weights (and tokenizer text) for ``init_from``: any lmforge source or a HF folder."""
+    from lmforge.convert import architecture_from_hf, is_hf_folder
+
+    if is_hf_folder(path):
+        return architecture_from_hf(path).state_dict(), None
+    meta, state = read_weights(path)
+    prefix = "architecture."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, meta.get("tokenizer_json")

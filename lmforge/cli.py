@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hidden network: nothing is ever downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lmforge.errors import LmforgeError, closest  # noqa: E402
+from lmforge.errors import LmforgeError, closest, find_user_error  # noqa: E402
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -35,6 +35,8 @@ Tools:
   generate    sample text from a checkpoint: lmforge generate --checkpoint RUN_DIR --prompt "Once"
   plugins     list the installed plugins:    lmforge plugins list [--json]
   tokenizer   train a tokenizer:             lmforge tokenizer train FILES... --output tokenizer.json
+  convert     move weights between formats:  lmforge convert hf-to-lmforge HF_DIR OUT
+                                             lmforge convert lmforge-to-hf CKPT_OR_DIR OUT
 
 Options for every command:
   --plugins MODULES   extra plugin modules to load (comma separated; also $LMFORGE_PLUGINS)
@@ -64,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Unknown command '{command}'.{closest(command, [*TRAINER_COMMANDS, *TOOLS])} "
             f"Commands: {', '.join([*TRAINER_COMMANDS, *TOOLS])} (see `lmforge --help`)."
         )
-    except LmforgeError as exc:
-        print(f"lmforge: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"lmforge: error: {user_error}", file=sys.stderr)
         return 2
 
 
@@ -91,11 +96,13 @@ def _take_plugins_option(argv: list[str]) -> list[str]:
     return out
 
 
-def run_trainer_cli(argv: list[str]):
-    """Run a LightningCLI subcommand; returns the CLI object (for tests)."""
+def run_trainer_cli(argv: list[str], run: bool = True):
+    """Run a LightningCLI subcommand and return the CLI object; ``run=False`` only builds it."""
     from lmforge.training_cli import LmforgeCLI
 
-    return LmforgeCLI(args=argv)
+    if not run and argv and argv[0] in TRAINER_COMMANDS:
+        argv = argv[1:]
+    return LmforgeCLI(args=argv, run=run)
 
 
 # -- tools -----------------------------------------------------------------------------------------
@@ -217,7 +224,36 @@ def generate_command(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"generate": generate_command, "plugins": plugins_command, "tokenizer": tokenizer_command}
+def convert_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge convert", description="Convert model weights between formats.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    to_lmforge = sub.add_parser("hf-to-lmforge", help="a Hugging Face folder -> an lmforge model folder")
+    to_lmforge.add_argument("source", help="folder with config.json and model.safetensors")
+    to_lmforge.add_argument("output", help="new lmforge model folder")
+    to_lmforge.add_argument("--objective", default=None, help="objective to pair with (default: the architecture's)")
+    to_hf = sub.add_parser("lmforge-to-hf", help="an lmforge checkpoint, run directory or model folder -> Hugging Face")
+    to_hf.add_argument("source", help=".ckpt file, run directory or lmforge model folder")
+    to_hf.add_argument("output", help="new Hugging Face folder (config.json, model.safetensors, tokenizer.json)")
+    for p in (to_lmforge, to_hf):
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    args = parser.parse_args(argv)
+
+    from lmforge import convert
+
+    if args.action == "hf-to-lmforge":
+        out = convert.hf_to_lmforge(args.source, args.output, objective=args.objective, overwrite=args.overwrite)
+    else:
+        out = convert.lmforge_to_hf(args.source, args.output, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+TOOLS = {
+    "generate": generate_command,
+    "plugins": plugins_command,
+    "tokenizer": tokenizer_command,
+    "convert": convert_command,
+}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,28 @@ from collections.abc import Iterable
 class LmforgeError(Exception):
     """A user-facing error: its message says what is wrong and how to fix it."""
 
+    #: The most recently raised one. jsonargparse wraps errors raised while it instantiates classes
+    #: into its own ValueError (keeping only the text); this lets the CLI recover the original.
+    latest: LmforgeError | None = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        LmforgeError.latest = self
+
+
+def find_user_error(exc: BaseException) -> LmforgeError | None:
+    """The LmforgeError behind ``exc``: itself, one it was raised from, or one whose text it quotes."""
+    original, seen = exc, set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LmforgeError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    latest = LmforgeError.latest
+    if latest is not None and str(latest)[:80].replace("\\", "") in str(original).replace("\\", ""):
+        return latest
+    return None
+
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ``" Did you mean 'a' or 'b'?"`` for the closest candidates, or ``""`` if none is close."""

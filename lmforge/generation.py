@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.plugin_api import Architecture
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -41,7 +42,8 @@ def generate(
 ) -> torch.Tensor:
     """Continue ``input_ids`` ``(1, T)``; returns the new token ids ``(1, n)`` (n <= max_new_tokens).
 
-    Stops early when ``eos_id`` is produced. ``temperature == 0`` means greedy.
+    Stops early when ``eos_id`` is produced. ``temperature == 0`` means greedy. Architectures without
+    a KV cache (no ``new_cache``) are run on the whole sequence at every step.
     """
     if input_ids.dim() != 2 or input_ids.size(0) != 1:
         raise LmforgeError("generate() takes one prompt at a time: input_ids of shape (1, T).")
@@ -60,7 +62,8 @@ def generate(
     else:
         generator.seed()
 
-    cache = architecture.new_cache(1, input_ids.size(1) + max_new_tokens) if use_cache else None
+    supports_cache = type(architecture).new_cache is not Architecture.new_cache
+    cache = architecture.new_cache(1, input_ids.size(1) + max_new_tokens) if use_cache and supports_cache else None
     tokens = input_ids
     step_input = input_ids
     position = 0

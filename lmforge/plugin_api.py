@@ -94,17 +94,48 @@ class Architecture(Plugin, nn.Module):
       cache=None) -> hidden`` of shape ``(B, T, d_model)``; ``logits(hidden) -> (B, T, vocab)``;
       ``new_cache(batch_size, max_length)`` returns a key/value cache that ``forward`` fills in
       place when it is passed (``position_ids`` then give the absolute positions of the new tokens).
+    * ``seq2seq``: ``encode(input_ids, attention_mask=None) -> encoder_hidden`` ``(B, S, d_model)``;
+      ``decode(decoder_input_ids, encoder_hidden, encoder_attention_mask=None, cache=None) ->
+      hidden`` ``(B, T, d_model)`` (causal over the decoder tokens, attending to every unmasked
+      encoder position); ``logits(hidden) -> (B, T, vocab)``; ``forward(input_ids,
+      decoder_input_ids, attention_mask=None)`` does both. ``decoder_start_token_id`` (an int
+      attribute) is the token the decoder input starts with (labels shifted right behind it).
+      ``new_cache(batch_size, max_length)`` returns a cache that ``decode`` fills in place: the
+      decoder self-attention keys/values of up to ``max_length`` decoder tokens, and the
+      cross-attention keys/values of the encoder output (computed on the first cached call and
+      reused); it has ``length`` (decoder tokens cached so far) and ``reorder(rows)`` (keep/repeat
+      rows, for beam search).
 
     ``vocab_size`` may be left ``None`` in YAML: the CLI fills it from the data's tokenizer before
     the architecture is built.
     """
 
     kind: ClassVar[str] = "architecture"
-    #: Maps Hugging Face parameter names to this architecture's, when conversion is supported.
+    #: The ``model_type`` of the Hugging Face ``config.json`` this architecture converts, if any.
     hf_model_type: ClassVar[str | None] = None
+    #: The objective a converted Hugging Face checkpoint is paired with (e.g. "mlm" for BERT).
+    default_objective: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
+
+    # -- Hugging Face conversion (optional; needed by `lmforge convert`) ---------------------------
+    @classmethod
+    def options_from_hf_config(cls, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """This architecture's ``__init__`` options for a Hugging Face ``config.json`` (as a dict)."""
+        raise NotImplementedError(f"{cls.__name__} does not convert Hugging Face checkpoints")
+
+    def hf_config(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` (as a dict) describing this architecture."""
+        raise NotImplementedError(f"{type(self).__name__} does not convert Hugging Face checkpoints")
+
+    def hf_state_dict_to_lmforge(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a Hugging Face state dict to this module's ``state_dict()`` names and layouts."""
+        raise NotImplementedError(f"{type(self).__name__} does not convert Hugging Face checkpoints")
+
+    def lmforge_state_dict_to_hf(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`hf_state_dict_to_lmforge` (``state`` defaults to ``state_dict()``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not convert Hugging Face checkpoints")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not define logits()")
@@ -125,7 +156,8 @@ class Architecture(Plugin, nn.Module):
 class SpecialTokens:
     """Ids of the tokenizer's special tokens, found by role rather than hard-coded.
 
-    ``None`` means the tokenizer has no token for that role.
+    ``None`` means the tokenizer has no token for that role. ``sentinel_ids[k]`` is the id of the
+    T5 sentinel ``<extra_id_k>`` (empty when the tokenizer has none).
     """
 
     vocab_size: int
@@ -136,11 +168,12 @@ class SpecialTokens:
     mask_id: int | None = None
     cls_id: int | None = None
     sep_id: int | None = None
+    sentinel_ids: tuple[int, ...] = ()
 
     def all_ids(self) -> set[int]:
         """Every special token id that is defined."""
         ids = (self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, self.cls_id, self.sep_id)
-        return {i for i in ids if i is not None}
+        return {i for i in ids if i is not None} | set(self.sentinel_ids)
 
 
 class Objective(Plugin):
@@ -154,9 +187,17 @@ class Objective(Plugin):
     ``compute_loss(module, batch)`` runs the module's architecture on the batch and returns a dict
     with at least ``"loss"`` (a scalar tensor) and ``"tokens"`` (the number of tokens that count in
     the loss, a tensor); any other entry is logged as a metric under ``train/`` or ``val/``.
+
+    ``packed_length(block_size)`` is the length of the packed rows ``collate`` receives, for an
+    objective whose model inputs are not the raw rows (T5 span corruption packs longer rows so that
+    the corrupted inputs fill ``block_size``). The default is ``block_size``.
     """
 
     kind: ClassVar[str] = "objective"
+
+    def packed_length(self, block_size: int) -> int:
+        """Length of the packed rows to build so that this objective's inputs fill ``block_size``."""
+        return block_size
 
     def collate(self, examples: list[dict[str, Any]], special: SpecialTokens) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -40,6 +40,9 @@ class LMModule(L.LightningModule):
         schedule: Learning-rate shape after warmup: ``cosine`` or ``linear`` decay to
             ``lr * min_lr_ratio`` at the last step, or ``constant``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for the decaying schedules.
+        init_from: Start from these architecture weights: an lmforge checkpoint, run directory or
+            model folder, or a Hugging Face folder (config.json + model.safetensors). A task head
+            is always new.
     """
 
     #: "encoder", "decoder" or "seq2seq"; set by each family.
@@ -57,6 +60,7 @@ class LMModule(L.LightningModule):
         warmup_steps: int = 100,
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         check_supports(self.family, architecture, objective, task)
@@ -68,6 +72,17 @@ class LMModule(L.LightningModule):
         self.tokenizer_json: str | None = None
         self.val_loss = torchmetrics.MeanMetric()
         self._step_started: float | None = None
+        if init_from:
+            self.load_architecture_weights(init_from)
+
+    def load_architecture_weights(self, path: str) -> None:
+        """Copy the architecture weights of ``path`` into this model (shapes must match)."""
+        from lmforge.checkpoint import initial_architecture_weights
+
+        state, tokenizer_json = initial_architecture_weights(path)
+        check_same_shapes(self.architecture.state_dict(), state)
+        self.architecture.load_state_dict(state)
+        self.tokenizer_json = tokenizer_json or self.tokenizer_json
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -193,7 +208,8 @@ class LMModule(L.LightningModule):
 
     def module_options(self) -> dict[str, Any]:
         """This module's own ``__init__`` options (plugins excluded), as plain data."""
-        names = set(inspect.signature(type(self).__init__).parameters) - {"self", "architecture", "objective", "task"}
+        names = set(inspect.signature(type(self).__init__).parameters)
+        names -= {"self", "architecture", "objective", "task", "init_from"}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -261,6 +261,7 @@ class GPT(Architecture):
     name = "gpt"
     families = ("decoder",)
     hf_model_type = "gpt2"
+    default_objective = "clm"
 
     def __init__(
         self,
@@ -542,6 +543,46 @@ class GPT(Architecture):
                 f"n_head; this model has position={self.position!r}, norm={self.norm!r}, "
                 f"mlp={self.mlp!r}, bias={self.bias}, n_head={self.n_head}, n_kv_head={self.n_kv_head}."
             )
+
+    @classmethod
+    def options_from_hf_config(cls, hf_config: dict) -> dict:
+        """GPT options for a Hugging Face GPT-2 ``config.json``."""
+        if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise LmforgeError(
+                f"GPT converts GPT-2 checkpoints with the tanh GELU only; this one uses "
+                f"activation_function={hf_config['activation_function']!r}."
+            )
+        return {
+            "vocab_size": hf_config["vocab_size"],
+            "n_layer": hf_config["n_layer"],
+            "n_head": hf_config["n_head"],
+            "d_model": hf_config["n_embd"],
+            "d_ff": hf_config.get("n_inner") or 4 * hf_config["n_embd"],
+            "block_size": hf_config["n_positions"],
+            "dropout": 0.0,
+            "norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),
+            "tie_embeddings": hf_config.get("tie_word_embeddings", True),
+        }
+
+    def hf_config(self) -> dict:
+        """A ``transformers.GPT2Config`` dict for this model (GPT-2 configuration only)."""
+        self._check_hf_compatible()
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_embd": self.d_model,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.d_ff,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.ln_f.eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
 
     def hf_state_dict_to_lmforge(self, hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a ``transformers`` GPT-2 state dict to this model's parameter names.

@@ -1,0 +1,173 @@
+"""Moving weights between lmforge and Hugging Face, and the lmforge model folder.
+
+An **lmforge model folder** is what lmforge shares: ``model.safetensors`` (the family module's
+state dict), ``lmforge.json`` (family, plugin names and options, plugin versions) and, when the model
+has one, ``tokenizer.json``. ``lmforge.load_model`` and ``init_from`` read it.
+
+A **Hugging Face folder** holds ``config.json`` and ``model.safetensors``. The architecture plugin
+whose ``hf_model_type`` equals the config's ``model_type`` translates options and tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "lmforge.json"
+TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "config.json"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _prepare_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LmforgeError(f"The output folder {out} already exists and is not empty. Choose a new folder or pass --overwrite.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors refuses tensors that share storage (tied weights): store a copy of each repeat."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone().contiguous() if key in seen or not tensor.is_contiguous() else tensor
+        seen.add(key)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    tmp.replace(path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LmforgeError(f"{path} is missing: a model folder needs its weights in {MODEL_FILE}.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise LmforgeError(f"Cannot read {path}: {exc}. The file is corrupt or not safetensors.") from None
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / HF_CONFIG_FILE).is_file() and not is_model_folder(path)
+
+
+# -- the lmforge model folder ----------------------------------------------------------------------
+def save_model_folder(module, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``module`` (a family LightningModule) as an lmforge model folder."""
+    out = _prepare_output(out, overwrite)
+    meta = module.lmforge_metadata()
+    tokenizer_json = meta.pop("tokenizer_json", None)
+    _save_tensors(module.state_dict(), out / MODEL_FILE)
+    if tokenizer_json:
+        (out / TOKENIZER_FILE).write_text(tokenizer_json)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
+    return out
+
+
+def read_model_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, state dict) of an lmforge model folder; the tokenizer text is put in the metadata."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LmforgeError(f"{path / META_FILE} is unreadable ({exc}); the model folder is incomplete.") from None
+    if (path / TOKENIZER_FILE).is_file():
+        meta["tokenizer_json"] = (path / TOKENIZER_FILE).read_text()
+    return meta, _load_tensors(path / MODEL_FILE)
+
+
+# -- Hugging Face ----------------------------------------------------------------------------------
+def _architecture_for_hf(model_type: str):
+    from lmforge.plugin_manager import get_registry
+
+    registry = get_registry()
+    matches = [i for i in registry.plugins["architecture"].values() if i.cls.hf_model_type == model_type]
+    if not matches:
+        known = sorted({i.cls.hf_model_type for i in registry.plugins["architecture"].values() if i.cls.hf_model_type})
+        raise LmforgeError(
+            f"No architecture plugin converts Hugging Face model_type '{model_type}'. Convertible types: "
+            f"{', '.join(known) or 'none'}."
+        )
+    return matches[0]
+
+
+def read_hf_folder(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / HF_CONFIG_FILE).is_file():
+        raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder: it has no {HF_CONFIG_FILE}.")
+    config = json.loads((hf_dir / HF_CONFIG_FILE).read_text())
+    if not (hf_dir / MODEL_FILE).is_file():
+        raise LmforgeError(
+            f"{hf_dir} has no {MODEL_FILE}. lmforge reads only safetensors weights (never pickled .bin files); "
+            "re-save the model with save_pretrained(..., safe_serialization=True)."
+        )
+    return config, _load_tensors(hf_dir / MODEL_FILE)
+
+
+def architecture_from_hf(hf_dir: str | Path):
+    """Build the architecture plugin for a Hugging Face folder and load its weights into it."""
+    config, hf_state = read_hf_folder(hf_dir)
+    model_type = config.get("model_type")
+    info = _architecture_for_hf(model_type)
+    architecture = info.cls(**info.cls.options_from_hf_config(config))
+    state = architecture.hf_state_dict_to_lmforge(hf_state)
+    from lmforge.families.base import check_same_shapes
+
+    check_same_shapes(architecture.state_dict(), state)
+    architecture.load_state_dict(state)
+    return architecture
+
+
+def hf_to_lmforge(hf_dir: str | Path, out: str | Path, objective: str | None = None, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face folder into an lmforge model folder."""
+    from lmforge.families import FAMILY_MODULES
+    from lmforge.plugin_manager import get_registry
+
+    architecture = architecture_from_hf(hf_dir)
+    objective_name = objective or architecture.default_objective
+    if not objective_name:
+        raise LmforgeError(f"Name the objective to pair with {architecture.name} weights: --objective NAME.")
+    objective_obj = get_registry().get("objective", objective_name).cls()
+    family = architecture.families[0]
+    module = FAMILY_MODULES[family](architecture=architecture, objective=objective_obj)
+    tokenizer = Path(hf_dir) / TOKENIZER_FILE
+    if tokenizer.is_file():
+        module.tokenizer_json = tokenizer.read_text()
+    return save_model_folder(module, out, overwrite=overwrite)
+
+
+def lmforge_to_hf(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Export a checkpoint, run directory or lmforge model folder as a Hugging Face folder."""
+    from lmforge.checkpoint import load_model
+
+    module = load_model(source)
+    architecture = module.architecture
+    try:
+        config = architecture.hf_config()
+        tensors = architecture.lmforge_state_dict_to_hf()
+    except NotImplementedError:
+        raise LmforgeError(f"The architecture '{architecture.name}' does not support Hugging Face export.") from None
+    out = _prepare_output(out, overwrite)
+    _save_tensors(tensors, out / MODEL_FILE)
+    if module.tokenizer_json:
+        (out / TOKENIZER_FILE).write_text(module.tokenizer_json)
+    (out / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+

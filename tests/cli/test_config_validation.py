@@ -1,0 +1,99 @@
+"""Config mistakes are one clear paragraph naming the key, before anything is created."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_config, write_config
+
+from lmforge.cli import main
+
+
+@pytest.fixture
+def config(corpus, tmp_path):
+    return write_config(tmp_path / "tiny.yaml", tiny_config(corpus, tmp_path / "run"))
+
+
+def run_cli(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--trainer.max_stepz", "3"], r"Unknown config key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'"),
+        (["--data.batch_sz", "3"], r"Unknown config key 'data.batch_sz'. Did you mean 'data.batch_size'"),
+        (["--model.architecture.n_layr", "3"], r"'model.architecture.n_layr': GPT has no option 'n_layr'. Did you mean 'n_layer'"),
+        (["--model.architecture.n_layer", "three"], r"'model.architecture.n_layer' \(GPT\): Expected a <class 'int'>. Got value: three"),
+        (["--model.architecture.position", "absolute"], r"'model.architecture.position' \(GPT\): Expected a typing.Literal\['learned', 'rotary'\]"),
+        (["--model.architecture", "gtp"], r"Unknown architecture 'gtp'. Did you mean 'gpt'\?"),
+        (["--model.objective", "mlmm"], r"Unknown objective 'mlmm'"),
+        (["--model", "decodr"], r"Unknown model family 'decodr'. Did you mean 'decoder'"),
+    ],
+)
+def test_bad_overrides_are_named_and_nothing_is_written(config, tmp_path, capsys, override, expected):
+    import re
+
+    code, err = run_cli(["fit", "--config", str(config), *override], capsys)
+    assert code == 2
+    assert err.startswith("lmforge: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(expected, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_a_yaml_file_is_named(corpus, tmp_path, capsys):
+    cfg = tiny_config(corpus, tmp_path / "run")
+    cfg["model"]["init_args"]["architecture"]["init_args"]["d_modle"] = 64
+    code, err = run_cli(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))], capsys)
+    assert code == 2 and "GPT has no option 'd_modle'. Did you mean 'd_model'" in err
+
+
+def test_yaml_with_python_tags_is_refused(tmp_path, capsys):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    code, err = run_cli(["fit", "--config", str(bad)], capsys)
+    assert code == 2 and "is not valid YAML" in err
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(config, tmp_path, capsys):
+    code, err = run_cli(["fit", "--config", str(config), "--model.architecture.vocab_size", "100"], capsys)
+    assert code == 2
+    assert "has 300 tokens but model.architecture.vocab_size is 100" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_every_plugin_option_with_its_default(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("n_kv_head: null", "rope_base: 10000.0", "mlp: gelu", "keep_documents_separate: false", "schedule: cosine"):
+        assert line in out, line
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_builds(path, monkeypatch):
+    """Each recipe in configs/ resolves its plugins and builds its model (the training itself is not run)."""
+    from lmforge.cli import run_trainer_cli
+
+    monkeypatch.chdir(REPO)
+    cli = run_trainer_cli(["fit", "--config", str(path), "--trainer.default_root_dir", "/nonexistent/never-written"], run=False)
+    assert cli.model.family in ("encoder", "decoder", "seq2seq")
+    assert sum(p.numel() for p in cli.model.parameters()) > 0
+
+
+def test_help_and_import_do_not_import_deepspeed():
+    code = (
+        "import sys, lmforge; from lmforge.cli import main; main(['--help']); main(['plugins', 'list']);"
+        "print('DEEPSPEED', 'deepspeed' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "DEEPSPEED False" in out
+    assert "lmforge COMMAND" in out

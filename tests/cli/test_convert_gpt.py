@@ -1,0 +1,79 @@
+"""GPT-2 weights through `lmforge convert` both ways, load_model on the folder, and init_from."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config, write_config
+from safetensors.torch import load_file
+
+from lmforge import load_model
+from lmforge.cli import main, run_trainer_cli
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(corpus, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # randomise everything, biases and norms too, so no mapping error can hide
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    folder = tmp_path_factory.mktemp("hf") / "gpt2"
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copyfile(corpus["tokenizer"], folder / "tokenizer.json")
+    return model, folder
+
+
+def test_hf_to_lmforge_to_hf(hf_gpt2, tmp_path):
+    hf_model, folder = hf_gpt2
+    assert main(["convert", "hf-to-lmforge", str(folder), str(tmp_path / "lm")]) == 0
+    model = load_model(tmp_path / "lm")
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=1e-4)
+    assert model.tokenizer().get_vocab_size() == 300
+
+    assert main(["convert", "lmforge-to-hf", str(tmp_path / "lm"), str(tmp_path / "back")]) == 0
+    original, back = load_file(folder / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(original) <= set(back)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_convert_refuses_to_overwrite(hf_gpt2, tmp_path, capsys):
+    out = tmp_path / "lm"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["convert", "hf-to-lmforge", str(hf_gpt2[1]), str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_init_from_a_hf_folder_and_from_a_converted_folder(hf_gpt2, corpus, tmp_path):
+    hf_model, folder = hf_gpt2
+    arch = {"class_path": "gpt", "init_args": {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}}
+    main(["convert", "hf-to-lmforge", str(folder), str(tmp_path / "lm")])
+    for source in (folder, tmp_path / "lm"):
+        cfg = tiny_config(corpus, tmp_path / "run", architecture=arch)
+        cfg["model"]["init_args"]["init_from"] = str(source)
+        cli = run_trainer_cli(["fit", "--config", str(write_config(tmp_path / "init.yaml", cfg))], run=False)
+        ids = torch.randint(0, 300, (1, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(cli.model.eval()(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_a_model_of_another_shape_names_the_tensors(hf_gpt2, corpus, tmp_path, capsys):
+    cfg = tiny_config(corpus, tmp_path / "run")
+    cfg["model"]["init_args"]["architecture"]["init_args"]["d_model"] = 64
+    cfg["model"]["init_args"]["init_from"] = str(hf_gpt2[1])
+    assert main(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "wte.weight: checkpoint (300, 32) vs model (300, 64)" in err
