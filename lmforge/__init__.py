@@ -7,7 +7,16 @@ the family modules and the datamodule are imported on first use (they pull in Li
 from lmforge.checkpoint import load_model
 from lmforge.errors import LmforgeError
 from lmforge.hookspecs import hookimpl
-from lmforge.plugin_api import FAMILIES, PLUGIN_API_VERSION, Architecture, Objective, Plugin, SpecialTokens, Task
+from lmforge.plugin_api import (
+    FAMILIES,
+    MIN_SUPPORTED_API_VERSION,
+    PLUGIN_API_VERSION,
+    Architecture,
+    Objective,
+    Plugin,
+    SpecialTokens,
+    Task,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +28,7 @@ _LAZY = {
     "TextDataModule": "lmforge.data.datamodule",
     "pad_collate": "lmforge.data.collate",
     "save_model_folder": "lmforge.convert",
+    "batch_seed": "lmforge.reliability.resume",
 }
 
 
@@ -32,6 +42,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "FAMILIES",
+    "MIN_SUPPORTED_API_VERSION",
     "PLUGIN_API_VERSION",
     "Architecture",
     "DecoderLM",
@@ -45,6 +56,7 @@ __all__ = [
     "Task",
     "TextDataModule",
     "__version__",
+    "batch_seed",
     "hookimpl",
     "load_model",
     "pad_collate",

@@ -16,22 +16,14 @@ from lmforge.errors import LmforgeError
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a file path or a run directory (its ``checkpoints/last.ckpt``)."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        found = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
-        if found:
-            return found[-1]
-        raise LmforgeError(
-            f"No checkpoint found in the directory {path}: it is neither a run directory (checkpoints/last.ckpt) "
-            "nor a model folder (lmforge.json + model.safetensors)."
-        )
-    if not path.is_file():
-        raise LmforgeError(f"{path} does not exist. Pass a .ckpt file, a run directory or a model folder.")
-    return path
+    """The verified checkpoint file behind a path: a run directory (its newest committed checkpoint),
+    a ``checkpoints/step-*`` directory, a pointer such as ``checkpoints/last.ckpt``, or a file of a
+    committed checkpoint. Checkpoints whose save did not complete, or whose files do not match their
+    manifest, are refused (see :mod:`lmforge.reliability.checkpoint_io`).
+    """
+    from lmforge.reliability.checkpoint_io import resolve_checkpoint
+
+    return resolve_checkpoint(path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -58,6 +50,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
     if is_model_folder(path):
         return read_model_folder(path)
+    if find_checkpoint(path).is_dir():  # a DeepSpeed ZeRO checkpoint: its shards, gathered
+        from lmforge.zero_checkpoint import read_zero_weights
+
+        return read_zero_weights(find_checkpoint(path))
     checkpoint = read_checkpoint(path)
     return checkpoint["lmforge"], checkpoint["state_dict"]
 

@@ -34,9 +34,14 @@ Training (LightningCLI; `lmforge fit --help` lists every option):
 Tools:
   generate    sample text from a checkpoint: lmforge generate --checkpoint RUN_DIR --prompt "Once"
   plugins     list the installed plugins:    lmforge plugins list [--json]
+              check that plugins conform:    lmforge plugins check NAME [--kind KIND]
+              start a plugin package:        lmforge plugins new NAME --kind architecture|objective|task
   tokenizer   train a tokenizer:             lmforge tokenizer train FILES... --output tokenizer.json
   convert     move weights between formats:  lmforge convert hf-to-lmforge HF_DIR OUT
                                              lmforge convert lmforge-to-hf CKPT_OR_DIR OUT
+                                             lmforge convert zero-to-safetensors RUN_OR_CKPT OUT
+  estimate    memory per device, beforehand: lmforge estimate --config X.yaml --devices 8 --strategy deepspeed_stage_3
+  doctor      preflight a multi-node launch: lmforge doctor --config X.yaml
 
 Options for every command:
   --plugins MODULES   extra plugin modules to load (comma separated; also $LMFORGE_PLUGINS)
@@ -107,11 +112,36 @@ def run_trainer_cli(argv: list[str], run: bool = True):
 
 # -- tools -----------------------------------------------------------------------------------------
 def plugins_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge plugins", description="Inspect the installed plugins.")
+    kinds, families = ("architecture", "objective", "task"), ("decoder", "encoder", "seq2seq")
+    parser = argparse.ArgumentParser(prog="lmforge plugins", description="List, check and create plugins.")
     sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="every plugin: name, kind, families, package, version")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing = sub.add_parser("list", help="every plugin: name, kind, families, package, version, status")
+    listing.add_argument("--json", action="store_true", help="print JSON (broken plugins with a traceback summary)")
+    check = sub.add_parser("check", help="run the conformance checks on plugins; exit status 1 if any check fails")
+    check.add_argument("names", nargs="+", metavar="NAME", help="plugin name(s), as in YAML")
+    check.add_argument("--kind", choices=kinds, help="needed only when a name is used by several kinds")
+    check.add_argument("--partner", action="append", metavar="NAME",
+                       help="pair with this plugin instead of lmforge's built-ins (repeatable)")
+    check.add_argument("--json", action="store_true", help="print the reports as JSON")
+    new = sub.add_parser("new", help="write a ready-to-install plugin package lmforge-NAME/ from a template")
+    new.add_argument("name", help="the plugin's short name: a lowercase Python identifier")
+    new.add_argument("--kind", required=True, choices=kinds)
+    new.add_argument("--family", default="decoder", choices=families, help="the family it is written for")
+    new.add_argument("--output", default=".", help="folder in which lmforge-NAME/ is created (default: here)")
     args = parser.parse_args(argv)
+
+    if args.action == "new":
+        from lmforge.scaffold import create_plugin_package, next_steps
+
+        path = create_plugin_package(args.name, args.kind, output=args.output, family=args.family)
+        print(next_steps(path, args.name, args.kind))
+        return 0
+    if args.action == "check":
+        from lmforge.testing import check_plugin
+
+        reports = [check_plugin(name, args.kind, partners=args.partner) for name in args.names]
+        print(json.dumps([r.to_dict() for r in reports], indent=2) if args.json else "\n\n".join(map(str, reports)))
+        return 0 if all(r.ok for r in reports) else 1
 
     from lmforge.plugin_manager import get_registry
 
@@ -135,23 +165,30 @@ def plugins_command(argv: list[str]) -> int:
     for broken in registry.broken:
         rows.append(
             {
-                "name": broken.source.module,
+                "name": ",".join(broken.names) or broken.source.module,
                 "kind": "?",
                 "families": [],
                 "package": broken.source.package,
                 "version": broken.source.version,
                 "status": "broken: " + broken.reason,
+                "module": broken.source.module,
+                "traceback": list(broken.frames),
+                "short": "broken: " + broken.one_line(),
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{k: v for k, v in r.items() if k != "short"} for r in rows], indent=2))
         return 0
     headers = ["name", "kind", "families", "package", "version", "status"]
-    table = [[r["name"], r["kind"], ",".join(r["families"]), r["package"], r["version"], r["status"]] for r in rows]
+    table = [[r["name"], r["kind"], ",".join(r["families"]), r["package"], r["version"], r.get("short", r["status"])]
+             for r in rows]
     widths = [max(len(h), *(len(str(row[i])) for row in table)) if table else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    if registry.broken:
+        print(f"{len(registry.broken)} plugin module(s) failed to load; the other plugins work. "
+              "`lmforge plugins list --json` shows where each failed (a traceback summary).", file=sys.stderr)
     return 0
 
 
@@ -184,7 +221,11 @@ def tokenizer_command(argv: list[str]) -> int:
 
 
 def generate_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge generate", description="Sample text from a decoder checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge generate",
+        description="Generate text with a decoder checkpoint (continues the prompt) or a seq2seq checkpoint "
+        "(the prompt is the encoder input; prints the decoder output).",
+    )
     parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (uses its last.ckpt)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -193,6 +234,9 @@ def generate_command(argv: list[str]) -> int:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (seq2seq only)")
+    parser.add_argument("--length_penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
+    parser.add_argument("--early_stopping", action="store_true", help="stop beam search at num_beams finished")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -202,12 +246,44 @@ def generate_command(argv: list[str]) -> int:
     from lmforge.generation import generate
 
     model = load_model(args.checkpoint, map_location=args.device)
-    if model.family != "decoder":
-        raise LmforgeError(f"`lmforge generate` needs a decoder checkpoint; {args.checkpoint} is a {model.family} model.")
+    if model.family not in ("decoder", "seq2seq"):
+        raise LmforgeError(
+            f"`lmforge generate` needs a decoder or seq2seq checkpoint; {args.checkpoint} is a {model.family} model."
+        )
+    if args.num_beams > 1 and (model.family != "seq2seq" or args.top_k is not None or args.top_p is not None):
+        raise LmforgeError(
+            "--num_beams > 1 (beam search) works on seq2seq checkpoints and is deterministic: leave out --top_k and "
+            "--top_p, or use --num_beams 1 to sample."
+        )
     tokenizer = model.tokenizer()
     from lmforge.data.tokenizer import find_special_tokens
 
     special = find_special_tokens(tokenizer)
+    if model.family == "seq2seq":
+        from lmforge.generation import generate_seq2seq
+
+        # The encoder input ends with EOS, as in training (span corruption, denoising).
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        eos = [special.eos_id] if special.eos_id is not None else []
+        new = generate_seq2seq(
+            model.architecture,
+            torch.tensor([prompt + eos], device=args.device),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            greedy=args.greedy,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+            seed=args.seed,
+            eos_id=special.eos_id,
+            pad_id=special.pad_id,
+        )
+        # Sentinels (<extra_id_N>) and mask tokens stay visible: they say which gap the text fills.
+        hidden = {special.eos_id, special.pad_id, special.bos_id} - {None}
+        print(tokenizer.decode([t for t in new[0].tolist() if t not in hidden], skip_special_tokens=False))
+        return 0
     ids = torch.tensor([tokenizer.encode(args.prompt).ids], device=args.device)
     new = generate(
         model.architecture,
@@ -234,13 +310,23 @@ def convert_command(argv: list[str]) -> int:
     to_hf = sub.add_parser("lmforge-to-hf", help="an lmforge checkpoint, run directory or model folder -> Hugging Face")
     to_hf.add_argument("source", help=".ckpt file, run directory or lmforge model folder")
     to_hf.add_argument("output", help="new Hugging Face folder (config.json, model.safetensors, tokenizer.json)")
-    for p in (to_lmforge, to_hf):
+    zero = sub.add_parser(
+        "zero-to-safetensors", help="a DeepSpeed ZeRO checkpoint (sharded) -> an lmforge model folder, streamed"
+    )
+    zero.add_argument("source", help="run directory (its checkpoints/last.ckpt) or a DeepSpeed checkpoint directory")
+    zero.add_argument("output", help="new lmforge model folder (model.safetensors, lmforge.json, tokenizer.json)")
+    zero.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    for p in (to_lmforge, to_hf, zero):
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     args = parser.parse_args(argv)
 
     from lmforge import convert
 
-    if args.action == "hf-to-lmforge":
+    if args.action == "zero-to-safetensors":
+        from lmforge.zero_checkpoint import consolidate
+
+        out = consolidate(args.source, args.output, overwrite=args.overwrite, dtype=args.dtype)
+    elif args.action == "hf-to-lmforge":
         out = convert.hf_to_lmforge(args.source, args.output, objective=args.objective, overwrite=args.overwrite)
     else:
         out = convert.lmforge_to_hf(args.source, args.output, overwrite=args.overwrite)
@@ -248,11 +334,25 @@ def convert_command(argv: list[str]) -> int:
     return 0
 
 
+def estimate_command(argv: list[str]) -> int:
+    from lmforge.estimate import estimate_command as run
+
+    return run(argv)
+
+
+def doctor_command(argv: list[str]) -> int:
+    from lmforge.doctor import doctor_command as run
+
+    return run(argv)
+
+
 TOOLS = {
     "generate": generate_command,
     "plugins": plugins_command,
     "tokenizer": tokenizer_command,
     "convert": convert_command,
+    "estimate": estimate_command,
+    "doctor": doctor_command,
 }
 
 

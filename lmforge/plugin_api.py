@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +31,11 @@ FAMILIES: tuple[str, ...] = ("encoder", "decoder", "seq2seq")
 #: Version of the plugin contract (hook specifications and these base classes). A plugin may
 #: declare ``api_version`` to say which contract it targets.
 PLUGIN_API_VERSION = 1
+#: The oldest contract version this lmforge still loads. A plugin whose ``api_version`` lies
+#: outside ``MIN_SUPPORTED_API_VERSION .. PLUGIN_API_VERSION`` is refused by name, with both
+#: versions. A change that breaks existing plugins raises ``PLUGIN_API_VERSION``; this one rises
+#: only when support for the old contract is removed.
+MIN_SUPPORTED_API_VERSION = 1
 
 
 def _record_options(init):
@@ -90,6 +95,15 @@ class Architecture(Plugin, nn.Module):
 
     The contract by family (what the family module and the objectives call):
 
+    * ``encoder``: ``forward(input_ids, attention_mask=None, token_type_ids=None,
+      position_ids=None, document_ids=None) -> hidden`` ``(B, T, d_model)``, attention
+      bidirectional (within each document when ``document_ids`` are given, never to padding);
+      ``mlm_logits(hidden) -> (..., vocab)`` for hidden states of any leading shape (objectives
+      pass only the masked positions, ``(N, d_model)``); ``pooled(hidden) -> (B, d_model)`` (a
+      summary of the sequence, BERT's pooler on the first token); ``pair_logits(pooled) -> (B, 2)``
+      (the sentence-pair head of NSP/SOP; class 0 = in order, 1 = not). ``has_mlm_head`` and
+      ``has_pair_head`` (bool attributes) say which heads exist, so objectives can refuse an
+      architecture without the one they need before training starts.
     * ``decoder``: ``forward(input_ids, attention_mask=None, position_ids=None, document_ids=None,
       cache=None) -> hidden`` of shape ``(B, T, d_model)``; ``logits(hidden) -> (B, T, vocab)``;
       ``new_cache(batch_size, max_length)`` returns a key/value cache that ``forward`` fills in
@@ -158,6 +172,13 @@ class SpecialTokens:
 
     ``None`` means the tokenizer has no token for that role. ``sentinel_ids[k]`` is the id of the
     T5 sentinel ``<extra_id_k>`` (empty when the tokenizer has none).
+
+    Two tables over the vocabulary (indexed by token id; ``None`` when unknown) tell collators
+    about word and sentence boundaries without the tokenizer: ``word_start[i]`` is whether token
+    ``i`` begins a word (WordPiece: it is not a ``##`` continuation; byte-level BPE: it starts
+    with the space symbol ``Ġ``; special tokens: always), used by whole-word masking;
+    ``sentence_end[i]`` is whether token ``i`` ends a sentence (``.``, ``!``, ``?``, possibly with
+    closing punctuation), used by sentence-pair objectives to cut documents into sentences.
     """
 
     vocab_size: int
@@ -169,6 +190,8 @@ class SpecialTokens:
     cls_id: int | None = None
     sep_id: int | None = None
     sentinel_ids: tuple[int, ...] = ()
+    word_start: tuple[bool, ...] | None = field(default=None, repr=False)
+    sentence_end: tuple[bool, ...] | None = field(default=None, repr=False)
 
     def all_ids(self) -> set[int]:
         """Every special token id that is defined."""
@@ -194,6 +217,13 @@ class Objective(Plugin):
     """
 
     kind: ClassVar[str] = "objective"
+
+    def check_architecture(self, architecture: Architecture) -> None:
+        """Raise :class:`~lmforge.LmforgeError` if ``architecture`` lacks what this objective needs.
+
+        Called when the family module is built, before any data is read (e.g. ``nsp`` refuses an
+        encoder without a sentence-pair head). The default accepts every architecture.
+        """
 
     def packed_length(self, block_size: int) -> int:
         """Length of the packed rows to build so that this objective's inputs fill ``block_size``."""

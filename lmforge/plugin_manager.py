@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
+import sys
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ import pluggy
 
 from lmforge import hookspecs
 from lmforge.errors import LmforgeError, closest
-from lmforge.plugin_api import FAMILIES, PLUGIN_API_VERSION, PLUGIN_KINDS, Plugin
+from lmforge.plugin_api import FAMILIES, MIN_SUPPORTED_API_VERSION, PLUGIN_API_VERSION, PLUGIN_KINDS, Plugin
 
 ENTRY_POINT_GROUP = "lmforge"
 ENV_VAR = "LMFORGE_PLUGINS"
@@ -68,11 +69,58 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class BrokenPlugin:
-    """A plugin module that could not be used, with the reason."""
+    """A plugin module that could not be used, with the reason.
+
+    ``reason`` is one paragraph (for an exception: its type and message); ``frames`` the last
+    frames that led to it, each ``file:line in function`` (paths relative to their ``sys.path``
+    entry, import machinery left out); ``details`` the whole formatted traceback; ``names`` the
+    plugin names the module provides, when they are known (a refused plugin class).
+    """
 
     source: Source
     reason: str
     details: str = ""
+    frames: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_exception(cls, source: Source, exc: BaseException) -> BrokenPlugin:
+        reason = f"{type(exc).__name__}: {exc}"
+        return cls(source, reason, "".join(traceback.format_exception(exc)), summarize_traceback(exc))
+
+    def one_line(self) -> str:
+        """The reason's first line, and where it was raised: for a table cell."""
+        first = self.reason.strip().splitlines()[0] if self.reason.strip() else "failed to load"
+        return first + (f" (at {self.frames[-1].split(' in ')[0]})" if self.frames else "")
+
+
+_IMPORT_MACHINERY = "<frozen importlib"
+_HIDDEN_DIRS = (f"{os.sep}importlib{os.sep}", f"{os.sep}pluggy{os.sep}")
+
+
+def _short_path(filename: str) -> str:
+    """``filename`` relative to the longest ``sys.path`` entry holding it (``pkg/mod.py``)."""
+    best = ""
+    for entry in sys.path:
+        root = os.path.abspath(entry or os.curdir)
+        if filename.startswith(root + os.sep) and len(root) > len(best):
+            best = root
+    return os.path.relpath(filename, best) if best else filename
+
+
+def summarize_traceback(exc: BaseException, limit: int = 3) -> tuple[str, ...]:
+    """The last ``limit`` frames of ``exc``'s traceback as ``file:line in function``.
+
+    Frames of the import machinery, of pluggy and of this module are left out: what remains is the
+    plugin's own code (and the libraries it called), which is where the fix is.
+    """
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_IMPORT_MACHINERY)
+        and not any(d in f.filename for d in _HIDDEN_DIRS)
+        and os.path.abspath(f.filename) != os.path.abspath(__file__)
+    ]
+    return tuple(f"{_short_path(f.filename)}:{f.lineno} in {f.name}" for f in frames[-limit:])
 
 
 @dataclass
@@ -96,7 +144,7 @@ class PluginRegistry:
         if found is not None:
             return found
         for broken in self.broken:
-            if broken.source.module.rsplit(".", 1)[-1] == name or broken.source.module == name:
+            if broken.source.module.rsplit(".", 1)[-1] == name or broken.source.module == name or name in broken.names:
                 raise LmforgeError(self.broken_message(broken) + f" It cannot be used as {kind} '{name}'.")
         known = sorted(self.plugins[kind])
         hint = closest(name, known) or closest(name.lower(), known)
@@ -114,11 +162,17 @@ class PluginRegistry:
         return None
 
     def resolve(self, base: type, name: str) -> str | None:
-        """Import path of the plugin called ``name`` whose class derives from ``base``, if any."""
+        """Import path of the plugin called ``name`` whose class derives from ``base``, if any.
+
+        ``base`` is the type an option is annotated with: a plugin base class (``Objective``) or a
+        plugin class itself (``nsp``'s ``mlm: MLM`` option).
+        """
         for kind, kind_base in PLUGIN_KINDS.items():
-            if isinstance(base, type) and issubclass(kind_base, base):
+            if isinstance(base, type) and (issubclass(kind_base, base) or issubclass(base, kind_base)):
                 if name in self.plugins[kind] or (kind, name) in self.duplicates:
-                    return self.get(kind, name).class_path
+                    info = self.get(kind, name)
+                    if issubclass(info.cls, base):
+                        return info.class_path
         return None
 
     def raise_errors(self) -> None:
@@ -151,14 +205,15 @@ class PluginRegistry:
                     for cls in impl.function() or ():
                         collected.append((kind, cls))
             for kind, cls in collected:
-                _check_plugin_class(kind, cls)
+                _check_plugin_class(kind, cls, source)
         except LmforgeError as exc:
             pm.unregister(module)
-            self.broken.append(BrokenPlugin(source, str(exc)))
+            names = tuple(n for _, cls in collected if isinstance(n := getattr(cls, "name", None), str) and n)
+            self.broken.append(BrokenPlugin(source, str(exc), names=names))
             return
         except Exception as exc:  # a plugin's hook raising is the plugin's fault: report, keep going
             pm.unregister(module)
-            self.broken.append(BrokenPlugin(source, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            self.broken.append(BrokenPlugin.from_exception(source, exc))
             return
         for kind, cls in collected:
             info = PluginInfo(cls.name, kind, cls, source)
@@ -169,7 +224,7 @@ class PluginRegistry:
                 self.plugins[kind][cls.name] = info
 
 
-def _check_plugin_class(kind: str, cls: type) -> None:
+def _check_plugin_class(kind: str, cls: type, source: Source | None = None) -> None:
     base = PLUGIN_KINDS[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise LmforgeError(f"its {_HOOK_FOR_KIND[kind]} hook returned {cls!r}, which is not a subclass of lmforge.{base.__name__}.")
@@ -180,11 +235,37 @@ def _check_plugin_class(kind: str, cls: type) -> None:
         raise LmforgeError(
             f"{cls.__qualname__}.families must be a non-empty subset of {FAMILIES}, got {tuple(cls.families)}."
         )
-    if cls.api_version != PLUGIN_API_VERSION:
-        raise LmforgeError(
-            f"{cls.__qualname__} targets plugin API version {cls.api_version} but this lmforge provides version "
-            f"{PLUGIN_API_VERSION}. Upgrade the plugin (or lmforge) so that both agree."
-        )
+    check_api_version(cls, source)
+
+
+def check_api_version(cls: type, source: Source | None = None) -> None:
+    """Refuse a plugin class whose ``api_version`` this lmforge does not support.
+
+    The message names the plugin, the package it came from and both versions, and says which side
+    to upgrade.
+    """
+    version = getattr(cls, "api_version", None)
+    if isinstance(version, int) and not isinstance(version, bool) and \
+            MIN_SUPPORTED_API_VERSION <= version <= PLUGIN_API_VERSION:
+        return
+    from lmforge import __version__
+
+    supported = (
+        f"version {PLUGIN_API_VERSION}" if MIN_SUPPORTED_API_VERSION == PLUGIN_API_VERSION
+        else f"versions {MIN_SUPPORTED_API_VERSION} to {PLUGIN_API_VERSION}"
+    )
+    where = f" from package '{source.package} {source.version}'" if source is not None else ""
+    if not isinstance(version, int) or isinstance(version, bool):
+        fix = "Set `api_version` to an integer (the lmforge.PLUGIN_API_VERSION the plugin was written for)."
+    elif version > PLUGIN_API_VERSION:
+        fix = "Upgrade lmforge, or install a release of the plugin written for this lmforge."
+    else:
+        fix = "Upgrade the plugin to the current contract (see docs/plugins.md), or install an older lmforge."
+    raise LmforgeError(
+        f"The {getattr(cls, 'kind', '') or 'plugin'} '{getattr(cls, 'name', '') or cls.__qualname__}' "
+        f"({cls.__module__}.{cls.__qualname__}){where} targets plugin API version {version!r}, but lmforge "
+        f"{__version__} supports plugin API {supported}. {fix}"
+    )
 
 
 def _entry_points() -> list[md.EntryPoint]:
@@ -228,7 +309,7 @@ def create_registry(
         try:
             module = ep.load()
         except Exception as exc:
-            registry.broken.append(BrokenPlugin(source, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            registry.broken.append(BrokenPlugin.from_exception(source, exc))
             continue
         registry.add_module(pm, module, source)
 
@@ -237,7 +318,7 @@ def create_registry(
         try:
             module = importlib.import_module(name)
         except Exception as exc:
-            registry.broken.append(BrokenPlugin(source, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            registry.broken.append(BrokenPlugin.from_exception(source, exc))
             continue
         if pm.is_registered(module):
             continue

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -28,7 +29,18 @@ from lmforge.config_names import install_short_names, validate_plugin_names
 from lmforge.data.datamodule import TextDataModule
 from lmforge.errors import LmforgeError
 from lmforge.families import LMModule
+from lmforge.reliability.checkpoint_io import (
+    STEP_PREFIX,
+    CommittedCheckpoint,
+    CommittedCheckpointIO,
+)
+from lmforge.reliability.failfast import (
+    check_output_writable,
+    prepare_trainer_call,
+    warn_uncommitted_checkpoints,
+)
 from lmforge.run_logger import RunLogger
+from lmforge.strategies import prepare_for_strategy, resolve_strategy
 
 DEFAULT_ROOT = "runs/lmforge"
 
@@ -104,8 +116,11 @@ class LmforgeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         fill_vocab_size(cfg)
+        trainer_cfg = cfg.get("trainer") or {}
+        prepare_for_strategy(trainer_cfg.get("strategy"), trainer_cfg.get("accelerator"))
         if self.subcommand == "fit":
             check_run_directory(Path(cfg.trainer.default_root_dir or DEFAULT_ROOT), cfg.get("ckpt_path"))
+            check_output_writable(Path(cfg.trainer.default_root_dir or DEFAULT_ROOT))
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self._get(self.config_init, "trainer", default={})
@@ -117,7 +132,7 @@ class LmforgeCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             callbacks.append(
-                ModelCheckpoint(
+                CommittedCheckpoint(  # a ModelCheckpoint whose saves are committed (lmforge.reliability)
                     dirpath=str(root / "checkpoints"),
                     filename="best-step{step}",
                     monitor="val/loss",
@@ -128,18 +143,42 @@ class LmforgeCLI(LightningCLI):
                 )
             )
         kwargs["callbacks"] = callbacks
+        warn_uncommitted_checkpoints(callbacks)
+        plugins = cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if "deepspeed" not in str(cfg.get("strategy", "")).lower() and not any(
+            isinstance(p, CheckpointIO) for p in plugins
+        ):
+            kwargs["plugins"] = [*plugins, CommittedCheckpointIO()]  # atomic saves, verified weights_only loads
+        # ZeRO names (deepspeed_stage_N[_offload]) run DeepSpeed's CPU accelerator when there is no GPU.
+        cfg["strategy"] = resolve_strategy(cfg.get("strategy", "auto"), cfg.get("accelerator", "auto"))
         return super().instantiate_trainer(**kwargs)
 
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        # --ckpt_path: a verified committed checkpoint ("last" = the newest), loaded with weights_only=True,
+        # and for fit its tensors compared with the model's, before anything is written.
+        fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        return prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model)
+
+
 def fill_vocab_size(cfg) -> None:
-    """Set a null ``architecture.vocab_size`` from the tokenizer; refuse a tokenizer that is too big."""
-    from lmforge.data.tokenizer import load_tokenizer
+    """Set a null ``architecture.vocab_size`` from the tokenizer; refuse a tokenizer that is too big.
+
+    A null ``decoder_start_token_id`` (seq2seq architectures) becomes the tokenizer's padding token.
+    """
+    from lmforge.data.tokenizer import find_special_tokens, load_tokenizer
 
     arch = cfg.model.init_args.get("architecture") if cfg.get("model") else None
     tokenizer_path = cfg.data.get("tokenizer") if cfg.get("data") else None
     if arch is None or not tokenizer_path:
         return
-    vocab = load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if "decoder_start_token_id" in arch.init_args and arch.init_args.get("decoder_start_token_id") is None:
+        pad_id = find_special_tokens(tokenizer).pad_id
+        if pad_id is not None:
+            arch.init_args.decoder_start_token_id = pad_id
     current = arch.init_args.get("vocab_size")
     if current is None:
         arch.init_args.vocab_size = vocab
@@ -155,7 +194,8 @@ def check_run_directory(root: Path, ckpt_path: str | None) -> None:
     """Never train over a run directory that holds checkpoints unless resuming it."""
     if ckpt_path:
         return
-    existing = sorted((root / "checkpoints").glob("*.ckpt")) if (root / "checkpoints").is_dir() else []
+    checkpoints = root / "checkpoints"
+    existing = sorted([*checkpoints.glob("*.ckpt"), *checkpoints.glob(f"{STEP_PREFIX}*")]) if checkpoints.is_dir() else []
     if existing:
         raise LmforgeError(
             f"The run directory {root} already holds checkpoints of another run ({existing[0].name}, ...). "

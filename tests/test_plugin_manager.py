@@ -51,7 +51,7 @@ def test_builtins_are_found_through_the_entry_point_group():
 def test_unknown_name_suggests_the_closest():
     with pytest.raises(LmforgeError, match=r"Unknown architecture 'gtp'\. Did you mean 'gpt'\?"):
         get_registry().get("architecture", "gtp")
-    with pytest.raises(LmforgeError, match=r"Unknown objective 'clmm'\. Did you mean 'clm'\?"):
+    with pytest.raises(LmforgeError, match=r"Unknown objective 'clmm'\. Did you mean 'clm'( or 'mlm')?\?"):
         get_registry().get("objective", "clmm")
 
 

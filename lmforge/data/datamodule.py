@@ -644,6 +644,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self._cache_key: str | None = None
+        self._resume_from: tuple[int, int] | None = None  # (epoch, batches consumed) when resuming
 
     # ----------------------------------------------------------------------------------------------
 
@@ -651,6 +652,29 @@ class TextDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         """Size of the tokenizer's vocabulary, added tokens included."""
         return self.special.vocab_size
+
+    def row_length(self) -> int:
+        """Length of a packed row: the trained objective's ``packed_length(block_size)``, else ``block_size``.
+
+        An objective whose model inputs are not the raw rows asks for other lengths (T5 span
+        corruption packs longer rows so that its corrupted inputs are exactly ``block_size``). The
+        objective is the one of the LightningModule attached to this datamodule's trainer.
+        """
+        trainer = getattr(self, "trainer", None)
+        try:
+            objective = getattr(trainer.lightning_module, "objective", None) if trainer is not None else None
+        except Exception:  # noqa: BLE001 - no module attached yet
+            objective = None
+        packed_length = getattr(objective, "packed_length", None)
+        if not self.packing or packed_length is None:
+            return self.block_size
+        length = int(packed_length(self.block_size))
+        if length < 1:
+            raise LmforgeError(
+                f"The objective '{objective.name}' asks for packed rows of {length} tokens for block_size="
+                f"{self.block_size}; raise block_size."
+            )
+        return length
 
     def _sources(self) -> tuple[list[DataSource], list[DataSource] | None]:
         train = resolve_data_files(self.train_files, option="train_files")
@@ -667,6 +691,7 @@ class TextDataModule(L.LightningDataModule):
             "tokenizer_sha256": hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest(),
             "text_column": self.text_column,
             "block_size": self.block_size,
+            "row_length": self.row_length(),
             "packing": self.packing,
             "long_documents": self.long_documents,
             "val_fraction": self.val_fraction if val is None else None,
@@ -754,7 +779,7 @@ class TextDataModule(L.LightningDataModule):
             rows, counts = build_rows(
                 tokenized,
                 work / f"{split}-rows.arrow",
-                self.block_size,
+                self.row_length(),
                 self.special.eos_id,
                 packing=self.packing,
                 long_documents=self.long_documents,
@@ -845,16 +870,22 @@ class TextDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Worker processes only collate; keep tokenizers from warning about forking.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # A seeded, sharded, resumable sampler, per-batch seeded collation and the loader's own generator
+        # (lmforge.reliability.resume): a resumed run sees exactly the batches the uninterrupted one would.
+        from lmforge.reliability.resume import make_loader
+
+        trainer = getattr(self, "trainer", None)
+        resume_from, self._resume_from = (self._resume_from, None) if shuffle else (None, self._resume_from)
+        return make_loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            seed=self.seed,
             collate_fn=self.get_collate_fn(),
+            num_workers=self.num_workers,
+            rank=getattr(trainer, "global_rank", 0),
+            world_size=getattr(trainer, "world_size", 1),
+            resume_from=resume_from,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -866,9 +897,15 @@ class TextDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data_format_version": DATA_FORMAT_VERSION, "cache_key": self._cache_key}
+        from lmforge.reliability.resume import data_position
+
+        position = data_position(getattr(self, "trainer", None))  # from the trainer's progress, not the sampler
+        return {"data_format_version": DATA_FORMAT_VERSION, "cache_key": self._cache_key, "position": position}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from lmforge.reliability.resume import resume_position
+
+        self._resume_from = resume_position(state_dict.get("position"))  # used by the next train_dataloader()
         key = state_dict.get("cache_key")
         if key and self._cache_key and key != self._cache_key:
             log.info("The data differs from the checkpoint's (cache key %s, now %s).", key, self._cache_key)

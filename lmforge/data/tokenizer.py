@@ -70,7 +70,104 @@ def find_special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
         return None
 
     ids = {f"{role}_id": lookup(tiers) for role, tiers in SPECIAL_TOKEN_CANDIDATES.items()}
-    return SpecialTokens(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), **ids)
+    word_start, sentence_end = vocabulary_tables(tokenizer)
+    return SpecialTokens(
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        sentinel_ids=find_sentinel_ids(tokenizer),
+        word_start=word_start,
+        sentence_end=sentence_end,
+        **ids,
+    )
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable symbol -> byte table (GPT-2's ``bytes_to_unicode``, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            symbols.append(256 + n)
+            n += 1
+    return {chr(s): b for b, s in zip(printable, symbols)}
+
+
+def _pieces_of(node: dict | None, kind: str) -> list[dict]:
+    """Every component of type ``kind`` in a pre-tokenizer/decoder spec, looking inside Sequences."""
+    if not isinstance(node, dict):
+        return []
+    found = [node] if node.get("type") == kind else []
+    for child in node.get("pretokenizers", []) + node.get("decoders", []):
+        found += _pieces_of(child, kind)
+    return found
+
+
+def vocabulary_tables(tokenizer: Tokenizer) -> tuple[tuple[bool, ...] | None, tuple[bool, ...] | None]:
+    """``(word_start, sentence_end)``: per token id, whether it begins a word / ends a sentence.
+
+    Word starts are read from how the tokenizer marks words: WordPiece's continuing-subword prefix
+    (``##``: a token with it continues a word), byte-level BPE's space symbol (``Ġ``: a token with it
+    begins one) or SentencePiece's ``▁``. Added (special) tokens always begin a word. When the
+    tokenizer marks no word boundaries, ``word_start`` is ``None``. A token ends a sentence when its
+    text is only punctuation and holds ``.``, ``!`` or ``?`` (``.``, ``?"``, ``!)``).
+    """
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model") or {}
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    continuing = model.get("continuing_subword_prefix") or ("##" if model.get("type") == "WordPiece" else None)
+    byte_level = bool(_pieces_of(spec.get("pre_tokenizer"), "ByteLevel") or _pieces_of(spec.get("decoder"), "ByteLevel"))
+    metaspace = _pieces_of(spec.get("pre_tokenizer"), "Metaspace") or _pieces_of(spec.get("decoder"), "Metaspace")
+    marker = (metaspace[0].get("replacement") or "▁") if metaspace else None
+    byte_decoder = _byte_decoder() if byte_level else {}
+    added = set(tokenizer.get_added_tokens_decoder())
+
+    def text_of(token: str) -> str:
+        if byte_level:
+            return bytes(byte_decoder.get(ch, 32) for ch in token).decode("utf-8", errors="replace")
+        if marker:
+            return token.replace(marker, " ")
+        return token
+
+    word_start: list[bool] = []
+    sentence_end: list[bool] = []
+    for token_id in range(vocab_size):
+        token = tokenizer.id_to_token(token_id)
+        if token is None or token_id in added:
+            word_start.append(True)
+            sentence_end.append(False)
+            continue
+        if continuing:
+            starts = not token.startswith(continuing)
+            token = token.removeprefix(continuing)
+        else:
+            starts = text_of(token)[:1].isspace()
+        word_start.append(starts)
+        text = text_of(token).strip()
+        sentence_end.append(
+            bool(text) and any(ch in ".!?" for ch in text) and not any(ch.isalnum() or ch.isspace() for ch in text)
+        )
+    known = continuing or byte_level or marker
+    return (tuple(word_start) if known else None), tuple(sentence_end)
+
+
+def find_sentinel_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Ids of the T5 sentinels ``<extra_id_0>``, ``<extra_id_1>``, ... (up to the first one missing)."""
+    ids: list[int] = []
+    while (token_id := tokenizer.token_to_id(f"<extra_id_{len(ids)}>")) is not None:
+        ids.append(token_id)
+    return tuple(ids)
+
+
+def add_sentinel_tokens(tokenizer: Tokenizer, count: int = 100, mask_token: str | None = "<mask>") -> Tokenizer:
+    """Add T5's ``count`` sentinel tokens (and a ``mask_token``) to ``tokenizer``, in place; return it.
+
+    As in T5, the sentinels take the highest ids, counting down: ``<extra_id_0>`` is the last id of
+    the vocabulary, ``<extra_id_1>`` the one before. ``mask_token`` (for BART-style denoising) is
+    added first, below them. Tokens already present are left alone.
+    """
+    tokens = ([mask_token] if mask_token else []) + [f"<extra_id_{k}>" for k in reversed(range(count))]
+    tokenizer.add_special_tokens([t for t in tokens if tokenizer.token_to_id(t) is None])
+    return tokenizer
 
 
 def resolve_tokenizer_path(path: str | os.PathLike) -> Path:

@@ -43,6 +43,12 @@ class LMModule(L.LightningModule):
         init_from: Start from these architecture weights: an lmforge checkpoint, run directory or
             model folder, or a Hugging Face folder (config.json + model.safetensors). A task head
             is always new.
+        nonfinite: What a step whose loss or gradient norm is not finite (on any rank) does:
+            ``halt`` stops training in that step with the parameters of the previous step;
+            ``skip`` leaves parameters and optimizer state unchanged and goes on (the step still
+            counts for ``max_steps`` and the schedule). See ``docs/reliability.md``.
+        max_consecutive_skips: With ``nonfinite: skip``, halt when more steps than this in a row
+            are not finite.
     """
 
     #: "encoder", "decoder" or "seq2seq"; set by each family.
@@ -61,9 +67,14 @@ class LMModule(L.LightningModule):
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
         init_from: str | None = None,
+        nonfinite: Literal["halt", "skip"] = "halt",
+        max_consecutive_skips: int = 5,
     ) -> None:
         super().__init__()
+        if max_consecutive_skips < 0:
+            raise LmforgeError(f"model.max_consecutive_skips must be 0 or more, not {max_consecutive_skips}.")
         check_supports(self.family, architecture, objective, task)
+        objective.check_architecture(architecture)
         self.save_hyperparameters(ignore=["architecture", "objective", "task"])
         self.architecture = architecture
         self.objective = objective
@@ -72,6 +83,8 @@ class LMModule(L.LightningModule):
         self.tokenizer_json: str | None = None
         self.val_loss = torchmetrics.MeanMetric()
         self._step_started: float | None = None
+        #: The latest training step's loss (detached), read by the training guard's non-finite check.
+        self.last_loss: torch.Tensor | None = None
         if init_from:
             self.load_architecture_weights(init_from)
 
@@ -88,6 +101,7 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.objective.compute_loss(self, batch)
         loss = out["loss"]
+        self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
         for key, value in out.items():
@@ -117,6 +131,14 @@ class LMModule(L.LightningModule):
         self.val_loss.reset()
         self.log("test/loss", loss)
         self.log("test/ppl", torch.exp(loss.clamp(max=50)))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        if self.task is None or not hasattr(self.task, "predict_step"):
+            raise LmforgeError(
+                "`lmforge predict` writes a task's predictions, and this model has no task. Sample text from a "
+                "decoder with `lmforge generate --checkpoint RUN_DIR --prompt ...`, or fine-tune with a task first."
+            )
+        return self.task.predict_step(self, batch)
 
     def _log_throughput(self, tokens: torch.Tensor) -> None:
         """Tokens per second of wall time between consecutive training steps (this rank)."""
@@ -157,6 +179,12 @@ class LMModule(L.LightningModule):
             optimizer, lr_lambda(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The training guard: non-finite policy, preemption, RNG restore (lmforge.reliability.guard)."""
+        from lmforge.reliability.guard import TrainingGuard
+
+        return [TrainingGuard()]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
@@ -222,7 +250,8 @@ class LMModule(L.LightningModule):
                 "This checkpoint was not written by lmforge (it has no 'lmforge' metadata). Resume only from "
                 "checkpoints of an lmforge run, or convert foreign weights with `lmforge convert`."
             )
-        check_same_shapes(self.state_dict(), checkpoint.get("state_dict", {}))
+        if "state_dict" in checkpoint:  # a DeepSpeed checkpoint's weights are sharded; DeepSpeed loads and checks them
+            check_same_shapes(self.state_dict(), checkpoint["state_dict"])
         self.tokenizer_json = meta.get("tokenizer_json") or self.tokenizer_json
 
 

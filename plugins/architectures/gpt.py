@@ -256,6 +256,11 @@ class GPT(Architecture):
         norm_eps: Epsilon of the normalisation layers.
         mlp: ``"gelu"``: GELU with tanh approximation (GPT-2's ``gelu_new``). ``"swiglu"``: gated
             SiLU (Llama).
+        activation_checkpointing: Keep only each block's input during the forward pass and
+            recompute the block's activations in the backward pass (``torch.utils.checkpoint``,
+            non-reentrant): activation memory falls from every layer's intermediates to one
+            ``(B, T, d_model)`` tensor per block, for about one extra forward pass of compute.
+            Training only; works with every strategy, DeepSpeed ZeRO 1-3 included.
     """
 
     name = "gpt"
@@ -280,6 +285,7 @@ class GPT(Architecture):
         norm: Literal["layernorm", "rmsnorm"] = "layernorm",
         norm_eps: float = 1e-5,
         mlp: Literal["gelu", "swiglu"] = "gelu",
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -312,6 +318,7 @@ class GPT(Architecture):
         # modules, so the state dict holds each tensor once (safetensors refuses shared tensors).
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         self.rope_base = rope_base
+        self.activation_checkpointing = activation_checkpointing
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
@@ -425,8 +432,12 @@ class GPT(Architecture):
         mask = None
         if cache is not None or attention_mask is not None or document_ids is not None:
             mask = self.build_attention_mask(T, past, attention_mask, document_ids, device)  # (B|1, 1, T, Tk)
+        checkpointing = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
-            x = block(x, rope, mask, cache, layer)  # (B, T, C)
+            if checkpointing:  # recompute the block in backward instead of keeping its activations
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)  # (B, T, C)

@@ -1,0 +1,113 @@
+"""Checks that run before anything is written: output writable, resume checkpoint valid and fitting.
+
+:func:`check_output_writable` refuses a run directory that cannot be written (a read-only mount, an
+immutable directory, missing permissions), before the data is prepared or any file is created.
+
+:func:`prepare_trainer_call` turns the ``--ckpt_path`` of ``fit | validate | test | predict`` into a
+verified committed checkpoint (``last`` = the newest committed checkpoint of the run directory;
+none yet means a fresh start), makes Lightning load it with ``weights_only=True``, and loads it once
+(``weights_only``, memory-mapped) to compare its tensors with the model's (names and shapes listed on
+a mismatch) — all before Lightning writes the config, the metrics log or anything else into the run
+directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lmforge.errors import LmforgeError
+from lmforge.reliability.checkpoint_io import (
+    STEP_PREFIX,
+    newest_checkpoint,
+    resolve_checkpoint,
+)
+
+
+def check_output_writable(root: Path) -> None:
+    """Raise :class:`LmforgeError` unless the run directory (or where it would be created) is writable."""
+    root = Path(root).absolute()
+    targets = [root, root / "checkpoints"] if root.exists() else []
+    if not targets:
+        parent = root.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        targets = [parent]
+    for target in targets:
+        if target.exists() and not os.access(target, os.W_OK | os.X_OK):
+            raise LmforgeError(
+                f"The run directory {root} cannot be written: {target} is read-only for this process (a read-only "
+                "file system, an immutable directory or missing permissions). Choose a writable "
+                "--trainer.default_root_dir or fix the permissions; nothing was prepared or written."
+            )
+
+
+def _resolve_last(root: Path) -> str | None:
+    checkpoints = root / "checkpoints"
+    newest = newest_checkpoint(checkpoints)
+    if newest is not None:
+        return str(resolve_checkpoint(newest))
+    leftovers = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    if leftovers:
+        raise LmforgeError(
+            f"`--ckpt_path last`: {checkpoints} holds {', '.join(leftovers[:3])} but no committed checkpoint "
+            f"({STEP_PREFIX}*/MANIFEST.json), so there is nothing lmforge can resume safely. Name a checkpoint "
+            "directory with --ckpt_path, or start a new run in another --trainer.default_root_dir."
+        )
+    rank_zero_info(f"`--ckpt_path last`: no checkpoint in {checkpoints} yet; training starts from the beginning.")
+    return None
+
+
+def prepare_trainer_call(subcommand: str, fn_kwargs: dict[str, Any], trainer: Any, model: Any) -> dict[str, Any]:
+    """Resolve and check ``ckpt_path`` and set ``weights_only`` for a Trainer call (see the module docs)."""
+    method = getattr(trainer, subcommand, None)
+    accepts = method is not None and "weights_only" in inspect.signature(method).parameters  # Lightning >= 2.5
+    if accepts and fn_kwargs.get("weights_only") is None:
+        fn_kwargs["weights_only"] = True
+    ckpt_path = fn_kwargs.get("ckpt_path")
+    if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
+        return fn_kwargs
+    if ckpt_path == "last":
+        resolved = _resolve_last(Path(trainer.default_root_dir))
+    else:
+        resolved = str(resolve_checkpoint(ckpt_path))
+    fn_kwargs["ckpt_path"] = resolved
+    if resolved is not None and model is not None:
+        check_checkpoint_fits(Path(resolved), model)
+    return fn_kwargs
+
+
+def check_checkpoint_fits(file: Path, model: Any) -> None:
+    """Load ``file`` (``weights_only``, memory-mapped) and compare its tensors with ``model``'s."""
+    from lmforge.families.base import check_same_shapes
+
+    if Path(file).is_dir():  # a DeepSpeed ZeRO checkpoint: shards, with the parameter shapes recorded
+        from lmforge.zero_checkpoint import check_zero_checkpoint_fits
+
+        return check_zero_checkpoint_fits(file, model)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
+        raise LmforgeError(
+            f"Cannot load checkpoint {file}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. lmforge loads "
+            "checkpoints with torch.load(weights_only=True): tensors and plain data only, never pickled code, so "
+            "a checkpoint holding other objects is refused."
+        ) from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        check_same_shapes(model.state_dict(), checkpoint["state_dict"])
+
+
+def warn_uncommitted_checkpoints(callbacks: list[Any]) -> None:
+    """Warn about a plain Lightning ``ModelCheckpoint``: its files are not committed checkpoints."""
+    if any(type(c) is ModelCheckpoint for c in callbacks):
+        rank_zero_warn(
+            "trainer.callbacks holds Lightning's ModelCheckpoint: its files are written atomically but are not "
+            "committed checkpoints (no manifest), so lmforge will not resume from them. Use class_path: "
+            "lmforge.reliability.CommittedCheckpoint, which takes the same options."
+        )

@@ -1,0 +1,187 @@
+"""lmforge doctor, lmforge estimate, streaming consolidation, strategy names (no DeepSpeed imported here)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import subprocess
+import sys
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from conftest import tiny_config, write_config
+
+from lmforge.doctor import FAIL, OK, WARN, check_cores, check_launcher, check_rendezvous
+from lmforge.estimate import estimate_memory
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- doctor ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_doctor_accepts_a_consistent_torchrun_environment_and_refuses_inconsistent_ones():
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+    assert [c.status for c in check_launcher(env, devices=2, num_nodes=2)] == [OK]
+    bad_rank = check_launcher({**env, "RANK": "4"}, devices=2, num_nodes=2)[0]
+    assert bad_rank.status == FAIL and "RANK=4 is outside" in bad_rank.found and "--nproc_per_node" in bad_rank.fix
+    wrong_size = check_launcher(env, devices=4, num_nodes=2)[0]
+    assert wrong_size.status == FAIL and "devices x num_nodes = 4 x 2 = 8" in wrong_size.found
+
+
+def test_doctor_checks_slurm_tasks_against_the_config():
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4",
+           "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NAME": "train"}
+    assert check_launcher(env, devices=4, num_nodes=2)[0].status == OK
+    wrong = check_launcher(env, devices=8, num_nodes=1)[0]
+    assert wrong.status == FAIL and "--ntasks-per-node=4 but trainer.devices=8" in wrong.found
+    interactive = check_launcher({**env, "SLURM_JOB_NAME": "bash"}, devices=4, num_nodes=2)[0]
+    assert interactive.status == FAIL and "interactive" in interactive.found
+
+
+def test_doctor_rendezvous_port_free_held_and_unresolvable():
+    port = _free_port()
+    assert check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"})[0].status == OK
+    with socket.socket() as holder:  # a stale job holding the port
+        holder.bind(("", port))
+        holder.listen()
+        held = check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"})[0]
+        assert held.status == FAIL and "cannot be bound" in held.found
+        # another rank sees the rendezvous listening
+        assert check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "1"})[0].status == OK
+    refused = check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "1"})[0]
+    assert refused.status == WARN and "nothing listens" in refused.found
+    bad = check_rendezvous({"MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29500"})[0]
+    assert bad.status == FAIL and "does not resolve" in bad.found
+    assert check_rendezvous({"MASTER_ADDR": "127.0.0.1"})[0].status == FAIL  # a port is missing
+
+
+def test_doctor_cores():
+    cores = len(__import__("os").sched_getaffinity(0))
+    over = check_cores({}, local_processes=cores, num_workers=2)
+    assert over.status == FAIL and "oversubscribed" in over.found and "num_workers" in over.fix
+    assert check_cores({"OMP_NUM_THREADS": "1"}, local_processes=1, num_workers=0).status == OK
+
+
+def test_doctor_command_end_to_end_and_no_deepspeed_import(corpus, tmp_path):
+    """`lmforge doctor` (with its gloo probe) exits 0 then 1; importing lmforge never imports DeepSpeed."""
+    good = write_config(tmp_path / "good.yaml", tiny_config(corpus, tmp_path / "run", devices=1))
+    bad_cfg = tiny_config(corpus, tmp_path / "run", devices=1)
+    bad_cfg["data"]["num_workers"] = 64
+    bad = write_config(tmp_path / "bad.yaml", bad_cfg)
+    script = f"""
+import io, contextlib, sys
+import lmforge, lmforge.training_cli, lmforge.strategies, lmforge.zero_checkpoint
+from lmforge.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    assert main(["--help"]) == 0
+codes = []
+for cfg in ({str(good)!r}, {str(bad)!r}):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        codes.append(main(["doctor", "--config", cfg]))
+    print(out.getvalue())
+print("CODES", codes, "DEEPSPEED", "deepspeed" in sys.modules)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CODES [0, 1] DEEPSPEED False" in result.stdout, result.stdout
+    assert "[  ok] backend gloo" in result.stdout
+    assert "[FAIL] cores" in result.stdout and "fix: Lower data.num_workers" in result.stdout
+
+
+# -- estimate --------------------------------------------------------------------------------------
+def test_estimate_counts_parameters_on_the_meta_device_and_orders_the_strategies(corpus, tmp_path, capsys):
+    from lmforge_plugins.architectures.gpt import GPT
+
+    from lmforge.cli import main
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(corpus, tmp_path / "run"))
+    results = {}
+    for strategy in ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"):
+        assert main(["estimate", "--config", str(config), "--devices", "4", "--strategy", strategy, "--json",
+                     "--model.architecture.n_layer", "6", "--model.architecture.d_model=256"]) == 0
+        results[strategy] = json.loads(capsys.readouterr().out)
+    real = GPT(vocab_size=300, n_layer=6, n_head=2, d_model=256, block_size=32)
+    assert results["ddp"]["n_params"] == sum(p.numel() for p in real.parameters())
+    state = {s: sum(r["bytes_per_device"][k] for k in ("params", "grads", "optimizer")) for s, r in results.items()}
+    assert state["deepspeed_stage_3"] < state["deepspeed_stage_2"] <= state["deepspeed_stage_1"] < state["ddp"]
+    offload = results["deepspeed_stage_3_offload"]["bytes_per_device"]
+    assert offload["optimizer"] == 0 and offload["params"] == 0 and offload["host"] > 0
+
+    assert main(["estimate", "--config", str(config), "--devices", "2", "--strategy", "deepspeed_stage_3"]) == 0
+    text = capsys.readouterr().out
+    assert "per device:" in text and "optimizer states" in text and "activations" in text
+
+
+def test_estimate_formulas():
+    psi = 10_000_000
+    ddp = estimate_memory(psi, "ddp", 2, gradient_as_bucket_view=True)
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.buffers) == (4 * psi, 4 * psi, 8 * psi, 0)
+    assert estimate_memory(psi, "ddp", 2).buffers == 4 * psi  # Lightning's DDP keeps its buckets
+    z3 = estimate_memory(psi, "deepspeed_stage_3", 4, "bf16-mixed", ds_config={"zero_optimization": {"reduce_bucket_size": 0}})
+    assert (z3.params, z3.grads, z3.optimizer) == (2 * psi / 4, 2 * psi / 4, 12 * psi / 4)
+    act = estimate_memory(psi, "ddp", 1, n_layer=12, d_model=512, n_head=8, vocab_size=1000, batch_size=4, seq_len=256)
+    ckpt = estimate_memory(psi, "ddp", 1, n_layer=12, d_model=512, n_head=8, vocab_size=1000, batch_size=4, seq_len=256,
+                           activation_checkpointing=True)
+    assert 0 < ckpt.activations < act.activations / 3
+
+
+# -- streaming consolidation -----------------------------------------------------------------------
+def test_safetensors_are_written_one_tensor_at_a_time(tmp_path):
+    """No tensor the writer asked for is still alive when it asks for the next one."""
+    from safetensors.torch import load_file
+
+    from lmforge.zero_checkpoint import write_safetensors_streaming
+
+    alive: list[weakref.ref] = []
+    expected = {f"w{i}": torch.randn(50, 40) for i in range(5)}
+
+    def reader(name):
+        def read():
+            gc.collect()
+            assert all(ref() is None for ref in alive), "an earlier tensor is still referenced"
+            tensor = expected[name].clone()
+            alive.append(weakref.ref(tensor))
+            return tensor
+
+        return read
+
+    tensors = OrderedDict((name, ((50, 40), torch.float32, reader(name))) for name in expected)
+    stats = write_safetensors_streaming(tensors, tmp_path / "model.safetensors", dtype=torch.bfloat16)
+    assert stats == {"tensors": 5, "bytes": 5 * 50 * 40 * 2, "largest": 50 * 40 * 2}
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == torch.bfloat16
+        torch.testing.assert_close(loaded[name], tensor.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_consolidation_refuses_what_is_not_a_zero_checkpoint(tmp_path, capsys):
+    from lmforge.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "zero-to-safetensors", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "is not a DeepSpeed ZeRO checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -- strategy names --------------------------------------------------------------------------------
+def test_zero_names_are_registered_without_importing_deepspeed():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lmforge import strategies
+
+    for name in ("deepspeed_stage_1", "deepspeed_stage_1_offload", "deepspeed_stage_2_offload", "deepspeed_stage_3_offload"):
+        assert name in StrategyRegistry and name in strategies.ZERO_NAMES
+        assert name.replace("deepspeed", "deepspeed_cpu") in StrategyRegistry
+    assert strategies.ZERO_NAMES["deepspeed_stage_3_offload"] == {
+        "stage": 3, "offload_optimizer": True, "offload_parameters": True}
+    assert strategies.resolve_strategy("ddp", "cpu") == "ddp"  # anything else is left alone
