@@ -98,11 +98,12 @@ def exit_code(args: list[str]) -> int:
         return exc.code
 
 
-def test_misspelt_nested_option_and_missing_head_are_refused(capsys):
+def test_misspelt_nested_option_and_missing_head_are_refused(capsys, tmp_path):
     config = str(REPO / "configs" / "bert-tiny-mlm-nsp.yaml")
-    assert exit_code(["fit", "--config", config, "--model.objective.init_args.mlm.init_args.mask_prb", "0.2"]) == 2
+    root = ["--trainer.default_root_dir", str(tmp_path / "run")]
+    assert exit_code(["fit", "--config", config, *root, "--model.objective.init_args.mlm.init_args.mask_prb", "0.2"]) == 2
     assert "MLM has no option 'mask_prb'. Did you mean 'mask_prob'" in capsys.readouterr().err
-    assert exit_code(["fit", "--config", config, "--model.architecture.pair_head", "false",
+    assert exit_code(["fit", "--config", config, *root, "--model.architecture.pair_head", "false",
                       "--model.architecture.pooler", "false"]) == 2
     assert "nsp objective classifies sentence pairs with the architecture's pair head" in capsys.readouterr().err
 
