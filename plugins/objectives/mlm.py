@@ -61,11 +61,14 @@ class ProcessGenerator:
     With a batch seed from lmforge's loader: a fresh generator per batch, seeded from it and
     ``seed``. Without: one generator per process, made on first use (never shared by forked
     data-loader workers), seeded from ``seed`` (or, when ``None``, the process's
-    ``torch.initial_seed()``) and the worker id.
+    ``torch.initial_seed()``) and the worker id. ``stream`` tells apart the generators of objectives
+    that collate the same batch together (``nsp`` and its nested ``mlm``), which would otherwise
+    draw the same numbers.
     """
 
-    def __init__(self, seed: int | None) -> None:
+    def __init__(self, seed: int | None, stream: int = 0) -> None:
         self.seed = seed
+        self.stream = stream
         self._owner: tuple[int, int] | None = None
         self._generator: torch.Generator | None = None
 
@@ -74,19 +77,23 @@ class ProcessGenerator:
 
         per_batch = batch_seed()
         if per_batch is not None:
-            mixed = per_batch if self.seed is None else per_batch ^ ((self.seed * 0x9E3779B97F4A7C15) % 2**63)
-            return torch.Generator().manual_seed(mixed)
+            return torch.Generator().manual_seed(self._mix(per_batch))
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else -1
         owner = (os.getpid(), worker)
         if self._generator is None or self._owner != owner:
             base = torch.initial_seed() if self.seed is None else self.seed
-            self._generator = torch.Generator().manual_seed((base * 1_000_003 + worker + 1) % (2**63))
+            self._generator = torch.Generator().manual_seed(self._mix((base * 1_000_003 + worker + 1) % 2**63))
             self._owner = owner
         return self._generator
 
+    def _mix(self, base: int) -> int:
+        """A 63-bit seed from ``base``, ``seed`` and ``stream`` (``base`` itself when both are unset)."""
+        extra = (0 if self.seed is None else self.seed + 1) * 0x9E3779B97F4A7C15 + self.stream * 0xBF58476D1CE4E5B9
+        return (base ^ extra) % 2**63 if extra else base
+
     def __getstate__(self) -> dict[str, Any]:  # a Generator is process-local state: never pickled
-        return {"seed": self.seed, "_owner": None, "_generator": None}
+        return {"seed": self.seed, "stream": self.stream, "_owner": None, "_generator": None}
 
 
 class MLM(Objective):

@@ -94,7 +94,7 @@ class SentencePairs(Objective):
             )
         self.positive_rate = positive_rate
         self.mlm = mlm
-        self.rng = ProcessGenerator(seed)
+        self.rng = ProcessGenerator(seed, stream=1)  # not the stream of the nested mlm's generator
 
     def plugin_options(self) -> dict[str, Any]:
         """Plain data: the nested ``mlm`` objective is stored as its own ``plugin_config()``."""

@@ -1,1 +1,0 @@
-"""An example third-party lmforge plugin package."""
