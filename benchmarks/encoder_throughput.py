@@ -15,14 +15,15 @@ Same work on both sides:
   at norm 1.0 and lmforge's linear-warmup cosine ``LambdaLR``, the same torch thread count.
 
 Lightning side: the production path, ``EncoderLM(BERT, MLM)`` with its ``configure_optimizers``,
-``training_step`` and ``self.log`` calls, a ``Trainer`` with lmforge's ``RunLogger``
-(``log_every_n_steps=50``, no progress bar, summary or checkpointing). Its MLM loss projects only
+``training_step`` and ``self.log`` calls (its AdamW is the fused kernel), a ``Trainer`` with lmforge's
+``RunLogger`` (``log_every_n_steps=50``, no progress bar, summary or checkpointing) and the shipped
+configs' ``TokenThroughputMonitor``. Its MLM loss projects only
 the masked positions onto the vocabulary (``mlm_logits(hidden[selected])``); everything else is
 the same computation.
 
 HF side: ``for batch in loader``: ``BertForMaskedLM(input_ids=..., labels=...)`` (SDPA attention,
-the transformers default), ``backward``, ``clip_grad_norm_``, ``step``, ``zero_grad``,
-``scheduler.step``.
+the transformers default), ``backward``, ``clip_grad_norm_``, ``step`` (``torch.optim.AdamW`` with
+PyTorch's defaults), ``zero_grad``, ``scheduler.step``. Both loops are in ``_training.py``.
 
 Timing: after ``warmup`` untimed steps, ``steps`` whole iterations are timed start to start
 (Lightning: a Callback's ``on_train_batch_start``; HF: right after ``next(loader)``); rounds
@@ -35,7 +36,6 @@ A correctness check runs first: with dropout off, both models' losses on the fir
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
@@ -43,20 +43,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, quiet_lightning, set_threads, spread  # noqa: E402
+from _training import CLIP, hf_loss, lightning_round, loop_round  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import lightning as L  # noqa: E402
 import transformers  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lmforge import SpecialTokens  # noqa: E402
 from lmforge.families import EncoderLM  # noqa: E402
-from lmforge.families.base import lr_lambda  # noqa: E402
-from lmforge.run_logger import RunLogger  # noqa: E402
 from lmforge_plugins.architectures.bert import BERT  # noqa: E402
 from lmforge_plugins.objectives.mlm import MLM  # noqa: E402
 
@@ -66,7 +62,6 @@ transformers.logging.set_verbosity_error()
 #: Optimisation settings shared by both sides.
 HPARAMS = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=10, schedule="cosine",
                min_lr_ratio=0.1)
-CLIP = 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,85 +108,18 @@ def masked_batches(n: int, args) -> list[dict[str, torch.Tensor]]:
     return [collate(rows(), special) for _ in range(n)]
 
 
-def loader(batches) -> DataLoader:
-    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
+# -- the two sides (the loops and their timing are in _training.py) -------------------------------
 
 
-def parameter_groups(model: torch.nn.Module) -> list[dict]:
-    """Weight decay on matrices only (lmforge's rule), for the HF side."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": HPARAMS["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def group_summary(optimizer) -> list[tuple]:
-    """(parameters, weight decay) of each group; tensor counts differ (lmforge fuses q, k and v)."""
-    return [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in optimizer.param_groups]
-
-
-# -- lmforge through Lightning --------------------------------------------------------------------
-
-
-class StepTimer(Callback):
-    def __init__(self, first: int, stop: int) -> None:
-        self.first, self.stop = first, stop
-        self.stamps: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.first <= batch_idx <= self.stop:
-            self.stamps.append(time.perf_counter())
-
-
-def lmforge_round(args, batches, workdir: Path, index: int) -> dict:
+def lmforge_round(args, batches, workdir: Path, index: int):
     _, bert = make_pair(args, args.dropout)
     module = EncoderLM(architecture=bert, objective=MLM(), **HPARAMS)
-    timer = StepTimer(args.warmup, args.warmup + args.steps)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=len(batches), max_epochs=1,
-        logger=RunLogger(str(workdir / f"lmforge-{index}")), log_every_n_steps=50, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=CLIP,
-        gradient_clip_algorithm="norm", num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(workdir / f"lmforge-{index}"), callbacks=[timer],
-    )
-    gc.collect()
-    trainer.fit(module, train_dataloaders=loader(batches))
-    if len(timer.stamps) != args.steps + 1:
-        raise RuntimeError("the Lightning run ended before the timed window closed")
-    return {"seconds": timer.stamps[-1] - timer.stamps[0], "stamps": timer.stamps,
-            "groups": group_summary(trainer.optimizers[0])}
+    return lightning_round(module, batches, args.warmup, args.steps, workdir / f"lmforge-{index}")
 
 
-# -- Hugging Face, plain loop ---------------------------------------------------------------------
-
-
-def hf_round(args, batches) -> dict:
+def hf_round(args, batches):
     hf, _ = make_pair(args, args.dropout)
-    hf.train()
-    optimizer = torch.optim.AdamW(parameter_groups(hf), lr=HPARAMS["lr"], betas=HPARAMS["betas"], eps=HPARAMS["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(HPARAMS["schedule"], HPARAMS["warmup_steps"], len(batches), HPARAMS["min_lr_ratio"])
-    )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    first, stop = args.warmup, args.warmup + args.steps
-    stamps = []
-    gc.collect()
-    for i, batch in enumerate(loader(batches)):
-        if first <= i <= stop:
-            stamps.append(time.perf_counter())
-            if i == stop:
-                break
-        loss = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    return {"seconds": stamps[-1] - stamps[0], "stamps": stamps, "groups": group_summary(optimizer)}
+    return loop_round(hf, hf_loss, batches, HPARAMS, args.warmup, args.steps)
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -228,19 +156,19 @@ def main(argv=None) -> None:
     print(f"check: first-batch loss |lmforge - HF| with dropout off = {check_same_computation(args, batches[0]):.2e}",
           flush=True)
     rates: dict[str, list[float]] = {"lmforge": [], "hf": []}
-    results: dict[str, list[dict]] = {"lmforge": [], "hf": []}
+    results: dict[str, list] = {"lmforge": [], "hf": []}
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         for r in range(1, args.rounds + 1):
             for side in ("lmforge", "hf"):
                 res = lmforge_round(args, batches, Path(tmp), r) if side == "lmforge" else hf_round(args, batches)
-                rate = args.steps * tokens_per_step / res["seconds"]
+                rate = args.steps * tokens_per_step / res.seconds
                 rates[side].append(rate)
                 results[side].append(res)
-                print(f"round {r}  {side:<8} {rate:>9,.0f} tokens/s  ({1000 * res['seconds'] / args.steps:7.1f} ms/step, "
+                print(f"round {r}  {side:<8} {rate:>9,.0f} tokens/s  ({1000 * res.seconds / args.steps:7.1f} ms/step, "
                       f"load avg {os.getloadavg()[0]:.2f})", flush=True)
-    same = results["lmforge"][0]["groups"] == results["hf"][0]["groups"]
-    print(f"check: AdamW param groups (numel, wd) lmforge={results['lmforge'][0]['groups']} "
-          f"hf={results['hf'][0]['groups']} {'identical' if same else 'DIFFER'}")
+    same = results["lmforge"][0].groups == results["hf"][0].groups
+    print(f"check: AdamW param groups (numel, wd) lmforge={results['lmforge'][0].groups} "
+          f"hf={results['hf'][0].groups} {'identical' if same else 'DIFFER'}")
     print(f"spread: lmforge {spread(rates['lmforge'])}  hf {spread(rates['hf'])}")
     if os.getloadavg()[0] > threads + 0.5:
         print(f"WARNING: 1-min load average {os.getloadavg()[0]:.2f} > {threads} threads: other processes shared "

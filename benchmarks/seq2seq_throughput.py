@@ -8,11 +8,13 @@ gradient clipping at norm 1.0, the same LambdaLR schedule and the same dropout, 
 same number of torch threads.
 
 * lmforge side: the production path. ``Seq2SeqLM(T5, SpanCorruption)`` with its own
-  ``configure_optimizers``, ``training_step`` and ``self.log`` calls, in a ``Trainer`` with the
-  lmforge ``RunLogger`` (CSV), ``log_every_n_steps=50``, no progress bar/summary/checkpointing.
+  ``configure_optimizers`` (fused AdamW), ``training_step`` and ``self.log`` calls, in a ``Trainer``
+  with the lmforge ``RunLogger`` (CSV), ``log_every_n_steps=50``, the shipped configs'
+  ``TokenThroughputMonitor``, no progress bar/summary/checkpointing.
 * Hugging Face side: a plain loop: ``model(input_ids=..., labels=...)`` (its own shift-right and
-  cross-entropy), backward, ``clip_grad_norm_(1.0)``, ``optimizer.step()``, ``zero_grad``,
-  ``scheduler.step()``. Attention is transformers' default for T5 (``sdpa``; ``--hf_attention
+  cross-entropy), backward, ``clip_grad_norm_(1.0)``, ``optimizer.step()`` (``torch.optim.AdamW``
+  with PyTorch's defaults), ``zero_grad``, ``scheduler.step()``. Both loops are in
+  ``_training.py``. Attention is transformers' default for T5 (``sdpa``; ``--hf_attention
   eager`` for the other).
 
 Data: rows of random token ids of ``SpanCorruption.packed_length(block)`` tokens, corrupted once by
@@ -31,7 +33,6 @@ the timed window; the medians over rounds are compared. Tokens per step = encode
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import time
@@ -39,18 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, quiet_lightning, set_threads, spread  # noqa: E402
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from _training import hf_loss, lightning_round, loop_round  # noqa: E402
 
 from lmforge import SpecialTokens  # noqa: E402
 from lmforge.families import Seq2SeqLM  # noqa: E402
-from lmforge.families.base import lr_lambda  # noqa: E402
-from lmforge.run_logger import RunLogger  # noqa: E402
 from lmforge_plugins.architectures.t5 import T5  # noqa: E402
 from lmforge_plugins.objectives.span_corruption import SpanCorruption  # noqa: E402
 
@@ -59,7 +55,6 @@ quiet_lightning()
 #: Optimisation settings shared by both sides (the family module's defaults, written out).
 HPARAMS = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_steps=100, schedule="cosine",
                min_lr_ratio=0.1)
-CLIP = 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,78 +112,19 @@ def make_batches(args, n: int) -> tuple[list[dict[str, torch.Tensor]], int]:
     return batches, objective.target_length(args.block)
 
 
-def loader(batches) -> DataLoader:
-    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
-
-
-# -- lmforge side ---------------------------------------------------------------------------------
-
-
-def clocks() -> tuple[float, float]:
-    """(wall, process CPU) seconds: CPU time is the steadier measure on a machine shared with others."""
-    return time.perf_counter(), time.process_time()
-
-
-class StepTimer(Callback):
-    """Clocks at the start of iteration ``first`` and of iteration ``stop``."""
-
-    def __init__(self, first: int, stop: int) -> None:
-        self.first, self.stop = first, stop
-        self.t0 = self.t1 = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.first:
-            self.t0 = clocks()
-        elif batch_idx == self.stop:
-            self.t1 = clocks()
+# -- the two sides (the loops and their timing are in _training.py) -------------------------------
 
 
 def lmforge_round(args, batches, workdir: Path, index: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of the timed window: CPU time is the steadier on a shared machine."""
     module = Seq2SeqLM(architecture=make_t5(args), objective=SpanCorruption(seed=args.seed), **HPARAMS)
-    timer = StepTimer(args.warmup, args.warmup + args.steps)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=len(batches), max_epochs=1,
-        logger=RunLogger(str(workdir / f"lmforge-{index}")), log_every_n_steps=50, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=CLIP, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=str(workdir / f"lmforge-{index}"), callbacks=[timer],
-    )
-    gc.collect()
-    trainer.fit(module, train_dataloaders=loader(batches))
-    return timer.t1[0] - timer.t0[0], timer.t1[1] - timer.t0[1]
-
-
-# -- Hugging Face side ----------------------------------------------------------------------------
+    res = lightning_round(module, batches, args.warmup, args.steps, workdir / f"lmforge-{index}")
+    return res.seconds, res.cpu_seconds
 
 
 def hf_round(args, batches) -> tuple[float, float]:
-    model = make_hf(args).train()
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    params = list(dict.fromkeys(model.parameters()))  # the shared embedding once
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": HPARAMS["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=HPARAMS["lr"], betas=HPARAMS["betas"], eps=HPARAMS["eps"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(HPARAMS["schedule"], HPARAMS["warmup_steps"], len(batches), HPARAMS["min_lr_ratio"])
-    )
-    first, stop = args.warmup, args.warmup + args.steps
-    t0 = t1 = None
-    gc.collect()
-    for i, batch in enumerate(loader(batches)):
-        if i == first:
-            t0 = clocks()
-        elif i == stop:
-            t1 = clocks()
-            break
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    return t1[0] - t0[0], t1[1] - t0[1]
+    res = loop_round(make_hf(args), hf_loss, batches, HPARAMS, args.warmup, args.steps)
+    return res.seconds, res.cpu_seconds
 
 
 @torch.no_grad()
@@ -212,7 +148,7 @@ def main(argv=None) -> None:
         f"  model: d_model={args.d_model} d_ff={args.d_ff} {args.n_layer}+{args.n_layer} layers n_head={args.n_head} "
         f"{args.feed_forward} untied vocab={args.vocab} dropout={args.dropout} fp32 | HF attention={args.hf_attention}\n"
         f"  batch={args.batch} x (inputs {args.block} + targets {target_length}) = {tokens_per_step} tokens/step; "
-        f"AdamW lr={HPARAMS['lr']} wd={HPARAMS['weight_decay']} (matrices only), clip {CLIP}, LambdaLR cosine\n"
+        f"AdamW lr={HPARAMS['lr']} wd={HPARAMS['weight_decay']} (matrices only), clip 1.0, LambdaLR cosine\n"
         f"  timing: {args.warmup} warmup + {args.steps} timed steps per round, {args.rounds} rounds per side "
         f"alternating, torch threads={threads}",
         flush=True,

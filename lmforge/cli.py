@@ -33,6 +33,7 @@ Training (LightningCLI; `lmforge fit --help` lists every option):
 
 Tools:
   generate    sample text from a checkpoint: lmforge generate --checkpoint RUN_DIR --prompt "Once"
+              many prompts, to JSONL:        lmforge generate --checkpoint RUN_DIR --prompts_file P.txt --output out.jsonl
   plugins     list the installed plugins:    lmforge plugins list [--json]
               check that plugins conform:    lmforge plugins check NAME [--kind KIND]
               start a plugin package:        lmforge plugins new NAME --kind architecture|objective|task
@@ -223,81 +224,154 @@ def tokenizer_command(argv: list[str]) -> int:
 def generate_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmforge generate",
-        description="Generate text with a decoder checkpoint (continues the prompt) or a seq2seq checkpoint "
-        "(the prompt is the encoder input; prints the decoder output).",
+        description="Generate text with a decoder checkpoint (continues each prompt) or a seq2seq checkpoint "
+        "(each prompt is the encoder input; prints the decoder output). A single prompt is printed as it is "
+        "generated; many prompts (--prompts_file) are generated in batches.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (uses its last.ckpt)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt file, a run directory (its last.ckpt) or a model folder")
+    parser.add_argument("--prompt", help="the text to continue (or, for seq2seq, to transform)")
+    parser.add_argument("--prompts_file", help="a text file with one prompt per line (blank lines skipped); - reads stdin")
+    parser.add_argument("--output", help="write JSONL here: one line per prompt, {\"prompt\": ..., \"generated\": [...]}")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8; 0 = greedy)")
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top_p", type=float, default=None, help="sample from the smallest set holding probability p")
+    parser.add_argument("--min_p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    parser.add_argument("--num_return_sequences", type=int, default=1, help="sequences per prompt (sampling or beams)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when the generated text contains TEXT, which is left out (repeatable)")
+    parser.add_argument("--stop_token", action="append", default=[], metavar="TOKEN",
+                        help="stop at this token of the vocabulary, e.g. '<eos>' (repeatable; EOS always stops)")
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
-    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (seq2seq only)")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
     parser.add_argument("--early_stopping", action="store_true", help="stop beam search at num_beams finished")
+    parser.add_argument("--no_stream", action="store_true", help="print a single prompt's text only at the end")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    import torch
-
     from lmforge.checkpoint import load_model
-    from lmforge.generation import generate
+    from lmforge.data.tokenizer import find_special_tokens
+    from lmforge.generation import TextStream, cut_at_stop_string, generate_batch
 
+    prompts = _read_prompts(args)
+    config = _generation_config(args)
     model = load_model(args.checkpoint, map_location=args.device)
     if model.family not in ("decoder", "seq2seq"):
         raise LmforgeError(
             f"`lmforge generate` needs a decoder or seq2seq checkpoint; {args.checkpoint} is a {model.family} model."
         )
-    if args.num_beams > 1 and (model.family != "seq2seq" or args.top_k is not None or args.top_p is not None):
-        raise LmforgeError(
-            "--num_beams > 1 (beam search) works on seq2seq checkpoints and is deterministic: leave out --top_k and "
-            "--top_p, or use --num_beams 1 to sample."
-        )
     tokenizer = model.tokenizer()
-    from lmforge.data.tokenizer import find_special_tokens
-
     special = find_special_tokens(tokenizer)
-    if model.family == "seq2seq":
-        from lmforge.generation import generate_seq2seq
-
-        # The encoder input ends with EOS, as in training (span corruption, denoising).
-        prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    config.stop_token_ids = tuple(_token_id(tokenizer, token) for token in args.stop_token)
+    seq2seq = model.family == "seq2seq"
+    if seq2seq:
+        # The encoder input ends with EOS, as in training (span corruption, denoising). Sentinels
+        # (<extra_id_N>) and mask tokens stay visible in the output: they say which gap the text fills.
         eos = [special.eos_id] if special.eos_id is not None else []
-        new = generate_seq2seq(
-            model.architecture,
-            torch.tensor([prompt + eos], device=args.device),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            greedy=args.greedy,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            early_stopping=args.early_stopping,
-            seed=args.seed,
-            eos_id=special.eos_id,
-            pad_id=special.pad_id,
-        )
-        # Sentinels (<extra_id_N>) and mask tokens stay visible: they say which gap the text fills.
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids + eos
         hidden = {special.eos_id, special.pad_id, special.bos_id} - {None}
-        print(tokenizer.decode([t for t in new[0].tolist() if t not in hidden], skip_special_tokens=False))
+        text_of = lambda ids: tokenizer.decode([t for t in ids if t not in hidden], skip_special_tokens=False)
+    else:
+        encode = lambda text: tokenizer.encode(text).ids
+        text_of = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    shown_prompt = (lambda p: "") if seq2seq else (lambda p: p)  # a decoder's output continues its prompt
+
+    def run(batch: list[str], on_token=None) -> list[list[str]]:
+        results = generate_batch(
+            model.architecture, model.family, [encode(p) for p in batch], config,
+            pad_id=special.pad_id, eos_id=special.eos_id, decode=text_of, on_token=on_token,
+        )
+        return [[cut_at_stop_string(text_of(ids), config.stop_strings) for ids in sequences] for sequences in results]
+
+    stream = len(prompts) == 1 and config.num_return_sequences == 1 and config.num_beams == 1 \
+        and not args.no_stream and not args.output
+    if stream:
+        text = TextStream(text_of, config.stop_strings)
+
+        def show(tokens: list[int | None]) -> None:
+            if tokens[0] is not None:
+                print(text.push(tokens[0]), end="", flush=True)
+
+        print(shown_prompt(prompts[0]), end="", flush=True)
+        run(prompts, on_token=show)
+        print(text.finish())
         return 0
-    ids = torch.tensor([tokenizer.encode(args.prompt).ids], device=args.device)
-    new = generate(
-        model.architecture,
-        ids,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        seed=args.seed,
-        eos_id=special.eos_id,
-    )
-    print(args.prompt + tokenizer.decode(new[0].tolist(), skip_special_tokens=True))
+    sink = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            for prompt, texts in zip(batch, run(batch)):
+                if sink is not None:
+                    sink.write(json.dumps({"prompt": prompt, "generated": texts}, ensure_ascii=False) + "\n")
+                else:
+                    for text in texts:
+                        print(shown_prompt(prompt) + text)
+    finally:
+        if sink is not None:
+            sink.close()
+    if sink is not None:
+        print(f"wrote {args.output} ({len(prompts)} prompt{'s' if len(prompts) != 1 else ''})")
     return 0
+
+
+def _read_prompts(args) -> list[str]:
+    """The prompts of ``--prompt`` or ``--prompts_file`` (one per line; ``-`` is standard input)."""
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise LmforgeError(
+            "`lmforge generate` needs exactly one of --prompt TEXT or --prompts_file FILE (one prompt per line; "
+            "--prompts_file - reads them from standard input)."
+        )
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompts_file == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise LmforgeError(f"Cannot read --prompts_file {args.prompts_file}: {exc.strerror or exc}.") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise LmforgeError(f"--prompts_file {args.prompts_file} holds no prompt (every line is blank); "
+                           "write one prompt per line.")
+    return prompts
+
+
+def _generation_config(args):
+    """A validated GenerationConfig from the command line (stop tokens are added once the tokenizer is known)."""
+    from lmforge.generation import GenerationConfig
+
+    if args.batch_size < 1:
+        raise LmforgeError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.num_beams > 1 and (args.temperature is not None or args.top_k is not None or args.top_p is not None
+                               or args.min_p is not None):
+        raise LmforgeError(
+            "--num_beams > 1 (beam search) is deterministic: leave out --temperature, --top_k, --top_p and --min_p, "
+            "or use --num_beams 1 to sample."
+        )
+    temperature = 1.0 if args.num_beams > 1 else (0.8 if args.temperature is None else args.temperature)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+        num_return_sequences=args.num_return_sequences, stop_strings=tuple(args.stop), seed=args.seed,
+    )
+    config.validate()
+    return config
+
+
+def _token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise LmforgeError(
+            f"--stop_token {token!r} is not a token of this model's vocabulary. Give a single token as the "
+            f"tokenizer spells it (e.g. a special token such as '</s>'), or use --stop TEXT to stop at any text."
+        )
+    return token_id
 
 
 def convert_command(argv: list[str]) -> int:

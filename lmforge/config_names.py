@@ -125,18 +125,24 @@ def _names_in_overrides(args: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def validate_plugin_names(args: list[str]) -> None:
-    """Refuse unknown plugin or family names in ``--config`` files and overrides, before parsing."""
-    from lmforge.families import FAMILY_MODULES
-    from lmforge.plugin_manager import get_registry
-
+def plugin_names_in_args(args: list[str]) -> list[tuple[str, str]]:
+    """``(kind, name)`` of every plugin or family a command line names, in ``--config`` files and
+    overrides, in order (a later mention overrides an earlier one)."""
     names: list[tuple[str, str]] = []
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
             names += _names_in_config(_read_yaml(args[i + 1]))
         elif arg.startswith("--config="):
             names += _names_in_config(_read_yaml(arg.split("=", 1)[1]))
-    names += _names_in_overrides(args)
+    return names + _names_in_overrides(args)
+
+
+def validate_plugin_names(args: list[str]) -> None:
+    """Refuse unknown plugin or family names in ``--config`` files and overrides, before parsing."""
+    from lmforge.families import FAMILY_MODULES
+    from lmforge.plugin_manager import get_registry
+
+    names = plugin_names_in_args(args)
 
     registry = get_registry()
     for kind, name in names:

@@ -164,6 +164,8 @@ def lmforge_to_hf(source: str | Path, out: str | Path, overwrite: bool = False) 
         tensors = architecture.lmforge_state_dict_to_hf()
     except NotImplementedError:
         raise LmforgeError(f"The architecture '{architecture.name}' does not support Hugging Face export.") from None
+    if module.tokenizer_json:
+        config = with_special_token_ids(config, module.tokenizer())
     out = _prepare_output(out, overwrite)
     _save_tensors(tensors, out / MODEL_FILE)
     if module.tokenizer_json:
@@ -171,3 +173,20 @@ def lmforge_to_hf(source: str | Path, out: str | Path, overwrite: bool = False) 
     (out / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
+
+
+def with_special_token_ids(config: dict, tokenizer) -> dict:
+    """``config`` plus the tokenizer's pad/eos/bos ids where the architecture left them out.
+
+    Architectures describe shapes; which ids mean "end" or "padding" belong to the tokenizer, and
+    ``transformers``' ``generate`` stops at ``eos_token_id`` only if ``config.json`` names it. Ids the
+    architecture already set (T5's ``pad_token_id`` = decoder start) are kept.
+    """
+    from lmforge.data.tokenizer import find_special_tokens
+
+    special = find_special_tokens(tokenizer)
+    config = dict(config)
+    for key, value in (("pad_token_id", special.pad_id), ("eos_token_id", special.eos_id), ("bos_token_id", special.bos_id)):
+        if value is not None and config.get(key) is None:
+            config[key] = value
+    return config

@@ -20,7 +20,10 @@ What is checked, on a synthetic vocabulary (:func:`sample_special_tokens`) and s
   rows produces a batch whose ``compute_loss`` (with every built-in architecture of the family)
   is finite, backpropagates finite gradients and survives an optimizer step;
 * tasks, per family: the family module accepts the task next to a built-in architecture and
-  objective, and ``predict_step`` (when defined) runs.
+  objective, and ``predict_step`` (when defined) runs; a fine-tuning task that gives
+  ``example_records()`` runs them through ``preprocess``, ``collate``, ``step`` (finite loss and
+  gradients), its metrics and ``predict_step`` (one JSON line per record), with a word-level
+  tokenizer built from the records.
 
 A family that this lmforge does not have, or has no built-in partner plugin for, is skipped with a
 report line saying so; pass ``partners=`` (``--partner`` on the command line) to pair a plugin with
@@ -904,7 +907,115 @@ def _check_all_trained(cls, trained: set[str], vocab_size: int, seed: int) -> st
     return f"all {len(names)} parameter tensors get a gradient"
 
 
+def example_tokenizer(records: dict[str, list[Any]]):
+    """A word-level ``tokenizers.Tokenizer`` over every word in ``records`` (BERT's special tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            words.update(w for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(value))
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(list(records.values()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate([*specials, *sorted(words)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.add_special_tokens(specials)
+    return tokenizer
+
+
+def _check_finetuning_task(rec, cls, family, module_cls, partners, records, seed) -> None:
+    """preprocess -> collate -> step -> backward -> metrics -> predict_step on ``example_records``."""
+    import json
+
+    from lmforge.data.tokenizer import find_special_tokens
+    from lmforge.prediction_writer import to_json
+
+    tokenizer = example_tokenizer(records)
+    special = find_special_tokens(tokenizer)
+    vocab_size = special.vocab_size
+    n = len(next(iter(records.values())))
+    archs = _partner_classes("architecture", family, partners)
+    if not archs:
+        rec.skip("family module", f"no reference architecture for family {family}", family)
+        return
+    arch_cls = archs[0]
+    state: dict[str, Any] = {}
+
+    def assemble() -> str:
+        task = build_default(cls, vocab_size, seed)
+        labels = cls.infer_labels(records)
+        if labels is not None:
+            task = cls(**{**task.plugin_options(), "labels": labels})
+        arch = build_default(arch_cls, vocab_size, seed)
+        state["module"] = module = module_cls(architecture=arch, task=task)
+        module.special = special  # what LMModule.setup takes from the datamodule
+        module.tokenizer_json = tokenizer.to_str()
+        return f"{module_cls.__name__}(architecture={arch.name}, task={task.name})"
+
+    built = rec.run("family module accepts it", assemble, family, arch_cls.name)
+
+    def batch_for(stage: str) -> dict[str, Any]:
+        task, fields = state["module"].task, dict(records)
+        if stage == "predict":
+            fields = {k: v for k, v in fields.items() if k not in cls.label_fields}
+        out = task.preprocess({**fields, "example_id": list(range(n))}, tokenizer, special, 64, family, stage)
+        rows = [dict(zip(out, values)) for values in zip(*out.values())]
+        if not rows:
+            raise AssertionError("preprocess returned no rows for example_records()")
+        return task.collate(rows, special)
+
+    def train_step() -> str:
+        module = state["module"].train()
+        out = module.task.step(module, batch_for("fit"), "train")
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise AssertionError(f"the loss is {loss.item()}")
+        loss.backward()
+        bad = [name for name, p in module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise AssertionError(f"non-finite gradients in {bad[:3]}")
+        return f"loss {loss.item():.3f} over {int(out['tokens'])}"
+
+    trained = rec.run("preprocess, collate, step, backward", train_step, family, arch_cls.name, needs=[built])
+
+    def evaluate() -> str:
+        module = state["module"].eval()
+        with torch.no_grad():
+            module.task.step(module, batch_for("validate"), "val")
+        metrics = module.task.compute_metrics("val")
+        bad = {k: v for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()}
+        if bad:
+            raise AssertionError(f"non-finite metrics {bad}")
+        return ", ".join(sorted(metrics)) or "no metrics"
+
+    rec.run("metrics", evaluate, family, arch_cls.name, needs=[trained])
+
+    def predict() -> str:
+        module = state["module"].eval()
+        with torch.no_grad():
+            rows = module.task.finalize_predictions(list(module.task.predict_step(module, batch_for("predict"))))
+        if len(rows) != n:
+            raise AssertionError(f"{len(rows)} predictions for {n} records; write one line per input record")
+        json.dumps(to_json(rows))  # every line must be JSON
+        return f"{len(rows)} JSON lines"
+
+    rec.run("predict_step", predict, family, arch_cls.name, needs=[built])
+
+
 def _check_task_family(rec, cls, family, module_cls, partners, special, vocab_size, seed) -> None:
+    records = cls.example_records() if hasattr(cls, "example_records") else None
+    if records is not None:
+        _check_finetuning_task(rec, cls, family, module_cls, partners, records, seed)
+        return
     pair = None
     for arch_cls in _partner_classes("architecture", family, partners):
         for objective_cls in _partner_classes("objective", family, partners):
@@ -934,7 +1045,9 @@ def _check_task_family(rec, cls, family, module_cls, partners, special, vocab_si
 
     def predict() -> str:
         module = state["module"].eval()
-        if not hasattr(module.task, "predict_step"):
+        from lmforge.plugin_api import Task
+
+        if type(module.task).predict_step is Task.predict_step:
             raise _Skip("the task defines no predict_step")
         batch = objective.collate(sample_rows(special, SAMPLE_BLOCK_SIZE, packed=False, seed=seed), special)
         with torch.no_grad():

@@ -5,6 +5,12 @@ What lmforge adds to a plain LightningCLI:
 * plugins are named by their short name (``class_path: gpt``), resolved through the plugin
   registry, and an unknown name is refused with the closest valid names;
 * the architecture's ``vocab_size`` is filled in from the data's tokenizer when left null;
+* a model with a fine-tuning task reads its ``data:`` section with
+  :class:`~lmforge.data.task_data.TaskDataModule` (labelled records) instead of
+  :class:`~lmforge.data.datamodule.TextDataModule`; the task's null ``labels`` are filled from the
+  training records (or the checkpoint being loaded) and saved as ``labels.json`` in the run directory;
+* ``lmforge predict`` writes the task's predictions as JSON Lines (``--output``, default
+  ``<run directory>/predictions.jsonl``);
 * the run directory (``trainer.default_root_dir``) gets the resolved config, the plugin names and
   versions, a metrics CSV and resumable checkpoints (``last.ckpt`` and the best by ``val/loss``);
 * a run directory that already holds checkpoints is never trained over: resume it with
@@ -15,10 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,6 +35,7 @@ from lmforge.config_errors import ConciseArgumentParser
 from lmforge.config_names import install_short_names, validate_plugin_names
 from lmforge.data.datamodule import TextDataModule
 from lmforge.errors import LmforgeError
+from lmforge.prediction_writer import PredictionWriter
 from lmforge.families import LMModule
 from lmforge.reliability.checkpoint_io import (
     STEP_PREFIX,
@@ -80,6 +88,9 @@ class RunDirectory(SaveConfigCallback):
         _write_once(root, "config", ".yaml", config_text)
         plugins = pl_module.lmforge_metadata()["plugins"] if isinstance(pl_module, LMModule) else []
         _write_once(root, "plugins", ".json", json.dumps(plugins, indent=2) + "\n")
+        labels = getattr(getattr(pl_module, "task", None), "labels", None)
+        if labels:
+            _write_once(root, "labels", ".json", json.dumps(list(labels), indent=1) + "\n")
 
 
 def _write_once(root: Path, stem: str, suffix: str, text: str) -> Path:
@@ -100,7 +111,7 @@ class LmforgeCLI(LightningCLI):
             validate_plugin_names(args)
         super().__init__(
             LMModule,
-            TextDataModule,
+            datamodule_class(args if args is not None else sys.argv[1:]),
             subclass_mode_model=True,
             save_config_callback=RunDirectory,
             parser_class=ConciseArgumentParser,
@@ -110,12 +121,23 @@ class LmforgeCLI(LightningCLI):
             **kwargs,
         )
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output", type=Optional[str], default=None,
+                help="Where to write the predictions, one JSON object per line (default: "
+                "<trainer.default_root_dir>/predictions.jsonl).",
+            )
+        return parser
+
     def _section(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         fill_vocab_size(cfg)
+        fill_task_labels(cfg, self.subcommand)
         trainer_cfg = cfg.get("trainer") or {}
         prepare_for_strategy(trainer_cfg.get("strategy"), trainer_cfg.get("accelerator"))
         if self.subcommand == "fit":
@@ -142,6 +164,9 @@ class LmforgeCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
+            output = self._section().get("output")
+            callbacks.append(PredictionWriter(output or str(root / "predictions.jsonl")))
         kwargs["callbacks"] = callbacks
         warn_uncommitted_checkpoints(callbacks)
         plugins = cfg.get("plugins") or []
@@ -152,6 +177,10 @@ class LmforgeCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, CommittedCheckpointIO()]  # atomic saves, verified weights_only loads
         # ZeRO names (deepspeed_stage_N[_offload]) run DeepSpeed's CPU accelerator when there is no GPU.
         cfg["strategy"] = resolve_strategy(cfg.get("strategy", "auto"), cfg.get("accelerator", "auto"))
+        if cfg["strategy"] in ("ddp", "ddp_spawn") and reads_records(_task_class(self.model)):
+            # a task head leaves parts of the backbone unused (a pretraining head, a T5 decoder under
+            # encoder-mean pooling), which plain DDP refuses at the second step
+            cfg["strategy"] = f"{cfg['strategy']}_find_unused_parameters_true"
         return super().instantiate_trainer(**kwargs)
 
 
@@ -188,6 +217,98 @@ def fill_vocab_size(cfg) -> None:
             f"token ids would fall outside the embedding. Set vocab_size to at least {vocab}, or leave it null to "
             "take it from the tokenizer."
         )
+
+
+def _task_name(args: list[str] | None) -> str | None:
+    """The task a command line names (its last mention in --config files and overrides), if any."""
+    from lmforge.config_names import plugin_names_in_args
+
+    names = plugin_names_in_args(list(args or []))
+    tasks = [name for kind, name in names if kind == "task"]
+    return tasks[-1] if tasks and tasks[-1] not in ("null", "None") else None
+
+
+def task_class(name: str | None) -> type | None:
+    """The Task class behind a short name, class name or import path (None for no task)."""
+    if not name:
+        return None
+    if "." in name:
+        from jsonargparse._util import import_object
+
+        return import_object(name)
+    from lmforge.plugin_manager import get_registry
+
+    registry = get_registry()
+    for info in registry.plugins["task"].values():
+        if info.cls.__name__ == name:
+            return info.cls
+    return registry.get("task", name).cls
+
+
+def _task_class(model) -> type | None:
+    task = getattr(model, "task", None)
+    return None if task is None else type(task)
+
+
+def reads_records(task_cls: type | None) -> bool:
+    """Whether a task fine-tunes on labelled records (defines ``preprocess``) rather than scoring text."""
+    from lmforge.plugin_api import Task
+
+    return task_cls is not None and task_cls.preprocess is not Task.preprocess
+
+
+def datamodule_class(args: list[str] | None) -> type:
+    """:class:`TaskDataModule` for a model with a fine-tuning task, else :class:`TextDataModule`."""
+    if reads_records(task_class(_task_name(args))):
+        from lmforge.data.task_data import TaskDataModule
+
+        return TaskDataModule
+    return TextDataModule
+
+
+def fill_task_labels(cfg, subcommand: str | None) -> None:
+    """Set a fine-tuning task's null ``labels`` before the model is built.
+
+    From the checkpoint being loaded (``--ckpt_path``) when there is one, so a resumed run, a test
+    or a prediction uses exactly the labels the weights were trained with; else from the training
+    records (``task.infer_labels``).
+    """
+    model = cfg.get("model")
+    task_cfg = model.init_args.get("task") if model is not None and model.get("init_args") else None
+    if task_cfg is None or not task_cfg.get("class_path"):
+        return
+    cls = task_class(task_cfg.class_path)
+    init_args = task_cfg.get("init_args")
+    if not reads_records(cls) or init_args is None or "labels" not in init_args or init_args.get("labels"):
+        return
+    labels = None
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        labels = _checkpoint_labels(ckpt_path, Path(cfg.trainer.default_root_dir or DEFAULT_ROOT))
+    if labels is None:
+        from lmforge.data.task_data import infer_task_labels
+
+        labels = infer_task_labels(cls, cfg.data.train_files, cfg.data.get("columns"))
+    init_args.labels = labels
+
+
+def _checkpoint_labels(ckpt_path: str, root: Path) -> list[str] | None:
+    """The task labels stored with a checkpoint ("last" = the run directory's newest), if any."""
+    import torch
+
+    from lmforge.reliability.checkpoint_io import resolve_checkpoint
+
+    if ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
+        return None
+    try:
+        file = resolve_checkpoint(root if ckpt_path == "last" else ckpt_path)
+    except LmforgeError:
+        return None  # the trainer call reports the bad path with its own message
+    if file.is_dir():
+        return None
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    task = (checkpoint.get("lmforge") or {}).get("task") or {}
+    return (task.get("init_args") or {}).get("labels")
 
 
 def check_run_directory(root: Path, ckpt_path: str | None) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from lmforge_plugins.architectures.gpt import GPT
 
 from lmforge.generation import filter_logits, generate
-from lmforge_plugins.architectures.gpt import GPT
 
 
 def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
@@ -42,3 +42,28 @@ def test_same_seed_same_sample_and_eos_stops():
     stop = int(a[0, 4])
     stopped = generate(model, prompt, max_new_tokens=15, temperature=1.0, seed=11, eos_id=stop)
     assert stopped.tolist()[0] == a.tolist()[0][: a.tolist()[0].index(stop) + 1]
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings(corpus):
+    """Streamed pieces add up to the cut text; no piece shows half a character or half a stop string."""
+    from tokenizers import Tokenizer
+
+    from lmforge.generation import TextStream, cut_at_stop_string
+
+    tokenizer = Tokenizer.from_file(str(corpus["tokenizer"]))
+    text = "the cat \u00e9t\u00e9 \u2603 sat ENDE on END the mat"  # é, ☃: several byte-level tokens each
+    ids = tokenizer.encode(text).ids
+    decode = lambda ids: tokenizer.decode(ids)
+    assert decode(ids) == text and len(ids) > len(text.split())
+    stream = TextStream(decode, stop_strings=("END ",))
+    pieces = [stream.push(token) for token in ids]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == cut_at_stop_string(text, ["END "]) == "the cat \u00e9t\u00e9 \u2603 sat ENDE on "
+    assert not any("\ufffd" in piece for piece in pieces)
+    emitted, held = "", 0
+    for k, piece in enumerate(pieces[:-1], start=1):
+        emitted += piece
+        if decode(ids[:k]).endswith("END"):  # could become the stop string: nothing of it is shown yet
+            assert emitted == decode(ids[:k])[:-3]
+            held += 1
+    assert held == 2  # in "ENDE" (then released) and in "END " (then cut)

@@ -5,7 +5,13 @@ import torch
 from hf_t5_reference import V, hf_t5, lmforge_t5, padded_batch
 
 from lmforge import LmforgeError
-from lmforge.generation import _beam_search, generate_seq2seq
+from lmforge.generation import (
+    GenerationConfig,
+    _beam_search,
+    _Seq2SeqStepper,
+    generate_batch,
+    generate_seq2seq,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,8 +86,11 @@ def test_beam_search_differs_from_greedy_somewhere(models):
 def test_one_beam_equals_greedy_and_cache_changes_nothing(models):
     _, model, ids, mask, eos = models
     greedy = generate_seq2seq(model, ids, mask, max_new_tokens=MAX_NEW, greedy=True, eos_id=eos, pad_id=0)
-    encoded = model.encode(ids, mask)
-    one_beam = _beam_search(model, encoded, mask, 1, MAX_NEW, 1.0, True, eos, 0, 0, True)
+    # The beam-search loop itself with one beam (the public API sends num_beams=1 to greedy decoding).
+    with torch.no_grad():
+        stepper = _Seq2SeqStepper(model, model.encode(ids, mask), mask, 0, MAX_NEW, use_cache=True)
+        config = GenerationConfig(max_new_tokens=MAX_NEW, num_beams=1, early_stopping=True)
+        one_beam = _beam_search(stepper, ids.size(0), config, torch.tensor([eos]), 0, None).tokens
     assert rows_until_eos(one_beam, eos) == rows_until_eos(greedy, eos)
     uncached = generate_seq2seq(model, ids, mask, max_new_tokens=MAX_NEW, greedy=True, eos_id=eos, pad_id=0,
                                 use_cache=False)
@@ -115,3 +124,28 @@ def test_bad_requests_are_refused(models):
     with pytest.raises(LmforgeError, match="encoder_attention_mask"):
         model.decode(torch.zeros(4, 1, dtype=torch.long), model.encode(ids, mask), mask[:, :3])
     assert V > 0
+
+
+def test_generate_batch_on_seq2seq_equals_transformers(models):
+    """The batch API: unpadded prompts of different lengths, EOS left out of the results."""
+    hf, model, ids, mask, eos = models
+    prompts = [row[: int(n)] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+
+    def lmforge(**options):
+        config = GenerationConfig(max_new_tokens=MAX_NEW, **options)
+        results = generate_batch(model, "seq2seq", prompts, config, pad_id=0, eos_id=eos)
+        return [sequence for sequences in results for sequence in sequences]
+
+    def without_eos(rows):
+        return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+    greedy = lmforge(greedy=True, repetition_penalty=1.4)
+    assert greedy == without_eos(hf_generate(hf, ids, mask, eos, do_sample=False, repetition_penalty=1.4).tolist())
+    assert any(len(row) < MAX_NEW for row in greedy)
+    torch.manual_seed(9)
+    expected = hf_generate(hf, ids, mask, eos, do_sample=True, top_k=0, temperature=1.3, num_return_sequences=2)
+    assert lmforge(temperature=1.3, seed=9, num_return_sequences=2) == without_eos(expected.tolist())
+    # Padded prompts with their mask give the same as the unpadded lists.
+    padded = generate_batch(model, "seq2seq", ids.tolist(), GenerationConfig(max_new_tokens=MAX_NEW, greedy=True,
+                            repetition_penalty=1.4), pad_id=0, eos_id=eos, encoder_attention_mask=mask)
+    assert [s for sequences in padded for s in sequences] == greedy

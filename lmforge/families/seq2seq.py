@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.families.base import LMModule
 
 IGNORE_INDEX = -100
@@ -50,3 +51,20 @@ class Seq2SeqLM(LMModule):
         shifted = labels.new_full(labels.shape, start)
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill_(shifted == IGNORE_INDEX, start)
+
+    def sequence_features(self, batch: dict[str, Any], pooling: str = "auto") -> torch.Tensor:
+        """One vector per input, ``(B, d_model)``: ``encoder_mean`` (``auto``) averages the encoder
+        states of the real tokens; ``decoder_first`` is the decoder's state for its start token."""
+        mask = batch.get("attention_mask")
+        encoded = self.architecture.encode(batch["input_ids"], mask)  # (B, S, C)
+        if pooling in ("auto", "encoder_mean"):
+            if mask is None:
+                return encoded.mean(1)
+            weights = mask[..., None].to(encoded.dtype)  # (B, S, 1)
+            return (encoded * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if pooling == "decoder_first":
+            start = batch["input_ids"].new_full((encoded.size(0), 1), self.architecture.decoder_start_token_id)
+            return self.architecture.decode(start, encoded, mask)[:, 0]  # (B, C)
+        raise LmforgeError(
+            f"A seq2seq model pools with 'encoder_mean' or 'decoder_first' (or auto), not '{pooling}'."
+        )

@@ -15,8 +15,8 @@ architecture  decoder: gated causal convolutions with a cache; encoder: a small 
               a GRU decoder with attention and a cache
 objective     decoder: label-smoothed next-token prediction; encoder: masked language modelling;
               seq2seq: continue the text (the encoder reads the start of a row, the decoder the rest)
-task          scoring: ``predict`` writes each batch's loss or perplexity (the task contract is
-              still small and will grow)
+task          scoring: ``predict`` writes each batch's loss or perplexity (a fine-tuning task
+              adds fields, preprocess, a head, step and metrics: see plugins/tasks/)
 ============  =====================================================================================
 """
 

@@ -215,6 +215,7 @@ class BERT(Architecture):
         self.tie_embeddings = tie_embeddings
         self.has_mlm_head = mlm_head
         self.has_pair_head = pair_head
+        self.has_pooler = pooler
 
         # Embeddings
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -405,6 +406,30 @@ class BERT(Architecture):
     def logits(self, hidden: Tensor) -> Tensor:
         """Same as :meth:`mlm_logits`: an encoder's vocabulary logits are its masked-LM predictions."""
         return self.mlm_logits(hidden)
+
+    def forward_flops(self, batch_size: int, input_len: int, target_len: int | None = None, vocab_positions=None):
+        """Matmul FLOPs (2 per multiply-add) of one forward over ``batch_size x input_len`` tokens.
+
+        Per layer: q|k|v and output projections, bidirectional scores and values over the full
+        ``T x T``, the MLP; then the masked-LM head (transform and vocabulary projection) on
+        ``vocab_positions`` rows (default: every position; ``mlm`` projects only the masked ones).
+        The pooler and sentence-pair head (``2 B C (C + 2)``) are not counted. See
+        :mod:`lmforge.throughput`.
+        """
+        B, T, C = batch_size, input_len, self.d_model
+        n = B * T
+        layer = 2 * n * C * 4 * C + 2 * 2 * B * self.n_head * T * T * self.head_dim + 2 * n * C * self.d_ff * 2
+        rows = n if vocab_positions is None else vocab_positions
+        head = 2 * rows * C * (C + self.vocab_size) if self.has_mlm_head else 0
+        return self.n_layer * layer + head
+
+    def embedding_modules(self) -> list[nn.Module]:
+        """Token, position and segment embeddings (and the post-LN embedding norm)."""
+        return [m for m in (self.tok_emb, self.pos_emb, self.type_emb, self.emb_norm) if m is not None]
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The encoder layers, first to last."""
+        return list(self.layers)
 
     def pooled(self, hidden: Tensor) -> Tensor:
         """BERT's pooler: ``tanh(dense(hidden[:, 0]))``, ``(B, T, C)`` -> ``(B, C)``."""

@@ -75,6 +75,20 @@ class KVCache:
         """Forget everything cached (the memory is kept and reused)."""
         self.length = 0
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep (and repeat) the cached rows ``rows`` (1-D indices), in that order: beam search.
+
+        With as many rows as before, only the filled slots are copied, into the same memory.
+        """
+        if rows.numel() == self.batch_size:
+            filled = slice(0, self.length)
+            for cached in (*self.k, *self.v):
+                cached[:, :, filled] = cached[:, :, filled].index_select(0, rows)
+        else:
+            self.k = [k.index_select(0, rows) for k in self.k]
+            self.v = [v.index_select(0, rows) for v in self.v]
+            self.batch_size = rows.numel()
+
 
 # ----------------------------------------------------------------------------------------------
 # Rotary position embedding (RoPE), as in Llama: rotate-half on the two halves of each head
@@ -153,8 +167,9 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            # Fast path: plain causal attention lets SDPA pick a flash/memory-efficient kernel.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+            # Fast path: plain causal attention lets SDPA pick a flash/memory-efficient kernel. One new
+            # query after a cache (token-by-token decoding) attends to every key: no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs)
@@ -430,7 +445,8 @@ class GPT(Architecture):
         x = self.drop(x)
 
         mask = None
-        if cache is not None or attention_mask is not None or document_ids is not None:
+        # A single new token with a cache and no padding sees every cached key: it needs no mask.
+        if (cache is not None and T > 1) or attention_mask is not None or document_ids is not None:
             mask = self.build_attention_mask(T, past, attention_mask, document_ids, device)  # (B|1, 1, T, Tk)
         checkpointing = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
@@ -535,9 +551,33 @@ class GPT(Architecture):
         w = self.wte.weight
         return KVCache(self.n_layer, batch_size, self.n_kv_head, max_length, self.head_dim, w.dtype, w.device)
 
+    def embedding_modules(self) -> list[nn.Module]:
+        """Token and (learned) position embeddings; the token embedding is also the tied output head."""
+        return [m for m in (self.wte, self.wpe) if m is not None]
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The transformer blocks, first to last."""
+        return list(self.h)
+
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond the family's default rule (biases, norms and embeddings)."""
         return set()
+
+    def forward_flops(self, batch_size: int, input_len: int, target_len: int | None = None, vocab_positions=None):
+        """Matmul FLOPs (2 per multiply-add) of one forward over ``batch_size x input_len`` tokens.
+
+        Per layer: the fused q|k|v projection (``nh + 2 nkv`` heads), scores and values over the
+        full ``T x T`` (causal counted in full, as PaLM's MFU does), the output projection and the
+        MLP (three matrices for SwiGLU); then the vocabulary projection of ``vocab_positions`` rows
+        (default: every position). See :mod:`lmforge.throughput`.
+        """
+        B, T, C, hs = batch_size, input_len, self.d_model, self.head_dim
+        n = B * T
+        projections = 2 * n * C * (self.n_head + 2 * self.n_kv_head) * hs + 2 * n * self.n_head * hs * C
+        attention = 2 * 2 * B * self.n_head * T * T * hs  # q @ k^T and probs @ v
+        mlp = 2 * n * C * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        rows = n if vocab_positions is None else vocab_positions
+        return self.n_layer * (projections + attention + mlp) + 2 * rows * C * self.vocab_size
 
     # ------------------------------------------------------------------------------------------
     # Hugging Face GPT-2 conversion

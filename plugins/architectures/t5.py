@@ -80,9 +80,18 @@ class T5Cache:
         self.length += n
 
     def reorder(self, rows: Tensor) -> None:
-        """Keep (and repeat) the cached rows ``rows`` (1-D indices), in that order: beam search."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Keep (and repeat) the cached rows ``rows`` (1-D indices), in that order: beam search.
+
+        With as many rows as before, only the filled self-attention slots are copied, into the same
+        memory; the cross-attention keys/values (as long as the encoder output) are selected anew.
+        """
+        if rows.numel() == self.batch_size:
+            filled = slice(0, self.length)
+            for cached in (*self.k, *self.v):
+                cached[:, :, filled] = cached[:, :, filled].index_select(0, rows)
+        else:
+            self.k = [k.index_select(0, rows) for k in self.k]
+            self.v = [v.index_select(0, rows) for v in self.v]
         self.cross_k = [None if k is None else k.index_select(0, rows) for k in self.cross_k]
         self.cross_v = [None if v is None else v.index_select(0, rows) for v in self.cross_v]
         self.batch_size = rows.numel()
@@ -189,7 +198,7 @@ class SelfAttention(nn.Module):
 
     ``mask`` is an additive float mask ``(B|1, nh, T, Tk)``: the relative position bias, with the
     smallest float where attention is not allowed (padding, the future). It goes to
-    ``scaled_dot_product_attention`` (with ``scale=1.0``), except while the bias is being trained.
+    ``scaled_dot_product_attention`` (with ``scale=1.0``), except while the bias is being trained on CPU.
     """
 
     def __init__(self, d_model: int, n_head: int, d_kv: int, dropout: float) -> None:
@@ -208,9 +217,10 @@ class SelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, nh, Tk, hs)
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        if mask.requires_grad:
-            # Training the bias: SDPA can then only run its reference "math" path, which also scales
-            # q and k by 1.0 and runs a NaN-guarding softmax. This is the same math, ~7% faster per step.
+        if mask.requires_grad and q.device.type == "cpu":
+            # Training the bias on CPU: SDPA can then only run its reference "math" path, which also
+            # scales q and k by 1.0 and runs a NaN-guarding softmax. This is the same math, ~7% faster
+            # per step. On GPU, SDPA's memory-efficient kernel takes a bias that needs a gradient.
             scores = torch.matmul(q, k.transpose(-1, -2)) + mask  # (B, nh, T, Tk); no 1/sqrt(hs) in T5
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # (B, nh, T, Tk)
             if dropout_p:
@@ -579,6 +589,34 @@ class T5(Architecture):
                     f"T5 decoder cache is full: it holds {cache.max_length} positions, {past} are used and {T} "
                     f"more were given. Make it with a larger max_length."
                 )
+
+    def embedding_modules(self) -> list[nn.Module]:
+        """The shared token embedding and both stacks' relative position biases."""
+        return [self.shared, self.encoder.position_bias, self.decoder.position_bias]
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The encoder blocks, then the decoder blocks."""
+        return [*self.encoder.blocks, *self.decoder.blocks]
+
+    def forward_flops(self, batch_size: int, input_len: int, target_len: int | None = None, vocab_positions=None):
+        """Matmul FLOPs (2 per multiply-add) of one forward: the encoder over ``input_len`` (S) tokens,
+        the decoder over ``target_len`` (T) tokens, per row of ``batch_size``.
+
+        Encoder layer: q|k|v and output projections, scores and values over ``S x S``, the
+        feed-forward (three matrices when gated). Decoder layer: the same over ``T`` with causal
+        ``T x T`` attention counted in full (as PaLM's MFU does), plus cross-attention: queries and
+        output over ``T``, keys|values over ``S``, scores and values over ``T x S``. Then the
+        vocabulary projection of ``vocab_positions`` rows (default: every decoder position).
+        """
+        B, S, C, hs, nh = batch_size, input_len, self.d_model, self.d_kv, self.n_head
+        T = S if target_len is None else target_len
+        inner = nh * hs
+        per_token = 2 * C * 3 * inner + 2 * inner * C + 2 * C * self.d_ff * (3 if self.feed_forward == "gated-gelu" else 2)
+        encoder = B * S * per_token + 2 * 2 * B * nh * S * S * hs
+        cross = B * T * 2 * 2 * C * inner + B * S * 2 * C * 2 * inner + 2 * 2 * B * nh * T * S * hs
+        decoder = B * T * per_token + 2 * 2 * B * nh * T * T * hs + cross
+        rows = B * T if vocab_positions is None else vocab_positions
+        return self.n_layer * encoder + self.n_decoder_layer * decoder + 2 * rows * C * self.vocab_size
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Project decoder hidden states ``(B, T, C)`` to vocabulary logits ``(B, T, vocab_size)``."""

@@ -65,10 +65,10 @@ class CLM(Objective):
         )
         logits = module.architecture.logits(hidden)  # (B, T, V)
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        labels = labels[:, 1:]
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        # Shift the labels, not the logits: position t predicts token t+1 and the last position nothing.
+        # Slicing the logits instead would copy all (B, T-1, V) of them, the largest tensor of the step.
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return {"loss": loss, "tokens": (labels != IGNORE_INDEX).sum()}
 
 

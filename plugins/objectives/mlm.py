@@ -176,7 +176,10 @@ class MLM(Objective):
     def mask(self, batch: dict[str, torch.Tensor], special: SpecialTokens) -> dict[str, torch.Tensor]:
         """Select and corrupt tokens of ``batch["input_ids"]`` in place; add ``labels`` ``(B, T)``.
 
-        ``labels`` hold the original token at selected positions and -100 elsewhere.
+        ``labels`` hold the original token at selected positions and -100 elsewhere;
+        ``mlm_positions`` ``(N,)`` are the flat indices (``row * T + column``) of the selected
+        positions, found here on the CPU so that the loss gathers them without waiting for the
+        device (selecting with a boolean mask on a GPU stops the host until the count is known).
         """
         if special.mask_id is None and self.mask_token_rate > 0:
             raise LmforgeError(
@@ -221,25 +224,32 @@ class MLM(Objective):
             corrupted[to_random] = ordinary[torch.randint(len(ordinary), (n_random,), generator=generator)]
         batch["input_ids"] = corrupted
         batch["labels"] = labels
+        batch["mlm_positions"] = selected.flatten().nonzero().squeeze(1)  # (N,)
         return batch
 
     # -- loss ------------------------------------------------------------------------------------
-    def loss_from_hidden(self, architecture, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_from_hidden(
+        self, architecture, hidden: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Masked-LM loss and accuracy from hidden states ``(B, T, C)``, at the selected positions only.
 
         Only the ``N`` selected positions go through the vocabulary projection (``(N, C) -> (N, V)``);
-        the other positions' logits would be thrown away by the loss.
+        the other positions' logits would be thrown away by the loss. ``positions`` are the batch's
+        ``mlm_positions`` (see :meth:`mask`); without them they are found from ``labels``, which on a
+        GPU waits for the device.
         """
-        selected = labels != IGNORE_INDEX  # (B, T)
-        targets = labels[selected]  # (N,)
-        if targets.numel() == 0:  # nothing selected in the whole batch: a zero loss that keeps the graph
+        if positions is None:
+            positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (N,)
+        targets = labels.flatten().index_select(0, positions)  # (N,)
+        n = positions.numel()  # known on the host: no device sync
+        if n == 0:  # nothing selected in the whole batch: a zero loss that keeps the graph
             zero = hidden.sum() * 0.0
             return {"loss": zero, "tokens": targets.new_zeros(()), "mlm_loss": zero.detach(),
                     "mlm_accuracy": zero.detach()}
-        logits = architecture.mlm_logits(hidden[selected])  # (N, V)
+        logits = architecture.mlm_logits(hidden.flatten(0, 1).index_select(0, positions))  # (N, V)
         loss = F.cross_entropy(logits.float(), targets)
         accuracy = (logits.detach().argmax(dim=-1) == targets).float().mean()
-        return {"loss": loss, "tokens": selected.sum(), "mlm_loss": loss.detach(), "mlm_accuracy": accuracy}
+        return {"loss": loss, "tokens": targets.new_full((), n), "mlm_loss": loss.detach(), "mlm_accuracy": accuracy}
 
     def compute_loss(self, module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         architecture = module.architecture
@@ -249,7 +259,7 @@ class MLM(Objective):
             token_type_ids=batch.get("token_type_ids"),
             document_ids=batch.get("document_ids"),
         )
-        out = self.loss_from_hidden(architecture, hidden, batch["labels"])
+        out = self.loss_from_hidden(architecture, hidden, batch["labels"], batch.get("mlm_positions"))
         del out["mlm_loss"]  # the same as "loss" here
         return out
 

@@ -258,12 +258,12 @@ class SentencePairs(Objective):
         pair_loss = F.cross_entropy(logits.float(), labels)
         out = {
             "loss": pair_loss,
-            "tokens": labels.new_tensor(labels.numel()),
+            "tokens": labels.new_full((), labels.numel()),  # a fill on the device, not a host-to-device copy
             f"{self.name}_loss": pair_loss.detach(),
             f"{self.name}_accuracy": (logits.detach().argmax(dim=-1) == labels).float().mean(),
         }
         if self.mlm is not None:
-            mlm = self.mlm.loss_from_hidden(architecture, hidden, batch["labels"])
+            mlm = self.mlm.loss_from_hidden(architecture, hidden, batch["labels"], batch.get("mlm_positions"))
             out["loss"] = pair_loss + mlm["loss"]
             out["tokens"] = mlm["tokens"]
             out["mlm_loss"] = mlm["mlm_loss"]

@@ -67,6 +67,8 @@ def test_bert_mlm_config_fits_saves_and_exports(tmp_path):
     transformers = pytest.importorskip("transformers")
     assert main(["convert", "lmforge-to-hf", str(run), str(tmp_path / "hf")]) == 0
     hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    vocab = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert (hf.config.pad_token_id, hf.config.eos_token_id) == (vocab["[PAD]"], vocab["[SEP]"])  # from the tokenizer
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-4, rtol=1e-4)
 

@@ -1,0 +1,124 @@
+"""The shipped classification configs fine-tune through the CLI; predict writes names; 2-process
+validation scores exactly what one process does; a family a task does not support is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, write_config
+
+from lmforge.cli import main
+
+TASKS = REPO / "lmforge" / "data" / "tasks"
+
+
+def shipped_config(task: str, run_dir, cache_dir, **trainer) -> dict:
+    """configs/tasks/<task>.yaml with absolute paths, a private cache and a short schedule."""
+    cfg = yaml.safe_load((REPO / "configs" / "tasks" / f"{task}.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(run_dir), enable_progress_bar=False, enable_model_summary=False, **trainer)
+    data = cfg["data"]
+    for key in ("train_files", "val_files", "tokenizer"):
+        data[key] = str(REPO / data[key])
+    data["cache_dir"] = str(cache_dir)
+    return cfg
+
+
+def metric_rows(run_dir) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [row for row in csv.DictReader(f) if any(k.startswith("val/") and v for k, v in row.items())]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """configs/tasks/sequence_classification.yaml fine-tuned for one short epoch."""
+    root = tmp_path_factory.mktemp("seqcls")
+    cfg = shipped_config("sequence_classification", root / "run", root / "cache", max_epochs=1, limit_train_batches=8)
+    config = write_config(root / "cfg.yaml", cfg)
+    assert main(["fit", "--config", str(config)]) == 0
+    return {"root": root, "run": root / "run", "config": config}
+
+
+def test_fit_writes_labels_and_classification_metrics(classifier):
+    run = classifier["run"]
+    assert json.loads((run / "labels.json").read_text()) == ["calm", "happy", "sad"]
+    last = metric_rows(run)[-1]
+    for name in ("val/accuracy", "val/f1_macro", "val/mcc", "val/loss"):
+        assert name in last and last[name], name
+    assert 0.0 <= float(last["val/accuracy"]) <= 1.0 and -1.0 <= float(last["val/mcc"]) <= 1.0
+    meta = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["lmforge"]
+    assert meta["task"]["init_args"]["labels"] == ["calm", "happy", "sad"] and meta["objective"] is None
+
+
+def test_predict_writes_one_line_per_record_with_label_names(classifier, tmp_path):
+    texts = ["Mia laughed and smiled all day.", "Tom cried because the ball was broken.", "Sam looked at the dog."]
+    records = tmp_path / "new.jsonl"
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # no labels needed
+    out = tmp_path / "out" / "predictions.jsonl"
+    args = ["predict", "--config", str(classifier["config"]), "--ckpt_path", "last",
+            "--data.predict_files", str(records), "--output", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and [r["text"] for r in rows] == texts
+    assert all(r["label"] in ("calm", "happy", "sad") and 0.0 < r["score"] <= 1.0 for r in rows)
+
+
+def test_two_process_validation_equals_one_process(classifier, tmp_path):
+    # 99 records in batches of 7: the two processes get 50 and 49 rows and 8 and 7 batches, so a
+    # sampler that pads (repeats a row) or a metric averaged per process would show
+    lines = (TASKS / "sequence_classification" / "val.jsonl").read_text().splitlines()[:99]
+    val = tmp_path / "val99.jsonl"
+    val.write_text("\n".join(lines) + "\n")
+    ckpt = str(classifier["run"] / "checkpoints" / "last.ckpt")
+    common = ["validate", "--config", str(classifier["config"]), "--ckpt_path", ckpt,
+              "--data.val_files", str(val), "--data.batch_size", "7"]
+    assert main([*common, "--trainer.default_root_dir", str(tmp_path / "one")]) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *common, "--trainer.default_root_dir", str(tmp_path / "two"),
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metric_rows(tmp_path / "one")[-1], metric_rows(tmp_path / "two")[-1]
+    assert 0.0 < float(one["val/accuracy"]) < 1.0  # so one repeated or missing row would change it
+    for name in ("val/accuracy", "val/f1_macro", "val/mcc"):
+        assert float(two[name]) == pytest.approx(float(one[name]), abs=1e-7), name
+    assert float(two["val/loss"]) == pytest.approx(float(one["val/loss"]), rel=1e-5)
+
+
+def test_token_classification_fits_and_predicts_word_tags(tmp_path):
+    cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache", max_epochs=1, limit_train_batches=6)
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    assert main(["fit", "--config", str(config)]) == 0
+    tags = json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert tags == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    last = metric_rows(tmp_path / "run")[-1]
+    assert {"val/entity_f1", "val/entity_precision", "val/entity_recall", "val/token_accuracy"} <= set(last)
+    records = tmp_path / "new.jsonl"
+    sentences = ["Mia Brownstone went to Red Hill with Tom .", "In Paris , Leo saw a fox ."]
+    records.write_text("".join(json.dumps({"words": s}) + "\n" for s in sentences))  # strings are split on spaces
+    assert main(["predict", "--config", str(config), "--ckpt_path", "last", "--data.predict_files", str(records)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["words"] for r in rows] == [s.split() for s in sentences]
+    assert all(len(r["tags"]) == len(r["words"]) and set(r["tags"]) <= set(tags) for r in rows)
+
+
+def test_a_family_the_task_does_not_support_is_refused_before_training(tmp_path, capsys):
+    cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache")
+    cfg["model"] = {
+        "class_path": "seq2seq",
+        "init_args": {
+            "architecture": {"class_path": "t5", "init_args": {"n_layer": 1, "n_head": 2, "d_model": 32, "d_kv": 16, "d_ff": 64}},
+            "task": {"class_path": "token_classification"},
+        },
+    }
+    assert main(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "The task 'token_classification' does not support the seq2seq family; it supports encoder, decoder" in err
+    assert not (tmp_path / "run").exists()
