@@ -25,7 +25,7 @@ high-water mark, imports included, so flat means the pipeline does not hold the 
 MB/s counts the bytes of the train + validation files. A check compares the rows: the first rows
 (those before the reference's first dropped remainder) must be identical token for token.
 
-    python benchmarks/data_pipeline.py                  # ~2 minutes on a quiet 2-core machine
+    python benchmarks/data_pipeline.py                  # ~1 minute on a quiet 2-core machine
     python benchmarks/data_pipeline.py --base-mb 0.5 --growth 2    # smoke run, ~15 s
 """
 

@@ -149,7 +149,8 @@ class LMModule(L.LightningModule):
         loss = out["loss"]
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
+        if self._language_model_loss():
+            self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
         for key, value in out.items():
             if key not in ("loss", "tokens"):
                 self.log(f"train/{key}", value)
