@@ -94,8 +94,8 @@ def peak_rss_mb() -> float:
 class AnonPeak:
     """Peak anonymous resident memory (``RssAnon``, Linux), sampled every millisecond by a thread.
 
-    Resident memory also counts the pages of memory-mapped files that have been read (both pipelines
-    read their Arrow files through mmap; the kernel can drop those pages at any time). ``RssAnon`` is
+    Resident memory also counts the pages of memory-mapped files that have been read (the reference
+    reads its Arrow files through mmap; the kernel can drop those pages at any time). ``RssAnon`` is
     what the process itself allocated: it grows with the corpus only if the data is held in memory.
     """
 

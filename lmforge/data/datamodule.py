@@ -8,6 +8,9 @@ Reading
     ``DatasetDict`` with a ``train`` split) is read the same way. Glob patterns are expanded.
     Every file is checked before 🤗 ``datasets`` sees it, so a mistake is reported as an
     :class:`~lmforge.errors.LmforgeError` naming the file (and the line or byte) and the fix.
+    Building the cache streams: ``.txt`` files are read a chunk at a time, each batch of documents is
+    tokenized and packed at once, and the rows are written straight into the cache, so memory stays
+    flat as the corpus grows (``benchmarks/data_pipeline.py`` measures it).
 
 Caching
     The tokenized rows are written once under ``cache_dir/<key>`` where ``key`` hashes everything
@@ -29,13 +32,14 @@ import contextlib  # noqa: E402
 import functools  # noqa: E402
 import glob  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
@@ -44,7 +48,6 @@ import datasets  # noqa: E402
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -329,8 +332,115 @@ def _quiet_progress():
             datasets.enable_progress_bars()
 
 
-def _non_empty(batch: dict[str, list]) -> list[bool]:
-    return [t is not None and not t.isspace() and t != "" for t in batch["text"]]
+def _non_empty(texts: list) -> list[str]:
+    return [t for t in texts if t is not None and t != "" and not t.isspace()]
+
+
+#: Characters of a ``.txt`` file read at a time: bounds the memory of reading, whatever the file size.
+_TEXT_CHUNK = 1 << 20
+
+
+def _iter_text_lines(path: Path, chunk_size: int = _TEXT_CHUNK) -> Iterator[list[str]]:
+    """The lines of a ``.txt`` file, a chunk at a time, split exactly as 🤗 datasets' ``text`` builder does.
+
+    Universal newlines (``\\n``, ``\\r\\n``, ``\\r``) end a line, nothing else; the line break is not kept.
+    Streaming the file (instead of converting it to a memory-mapped Arrow file with
+    ``load_dataset("text")``) keeps memory flat however large the corpus is.
+    """
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                return
+            chunk += f.readline()  # finish the current line
+            lines = chunk.split("\n")
+            if lines[-1] == "":
+                lines.pop()
+            yield lines
+
+
+class _Documents:
+    """The non-empty documents of some sources, in file order, as batches of strings; re-iterable.
+
+    Every file is checked, and every non-``.txt`` group loaded (by its 🤗 datasets builder, into
+    ``work``), when this is made, so a data mistake is reported before any tokenizing. ``.txt`` files
+    are streamed by :func:`_iter_text_lines`. Iterating raises :class:`LmforgeError` when the sources
+    hold no document at all.
+    """
+
+    def __init__(self, sources: list[DataSource], text_column: str, work: Path, option: str) -> None:
+        self.sources, self.option, self.text_column = sources, option, text_column
+        for source in sources:
+            _check_file(source)
+        self.parts: list[list[Path] | datasets.Dataset] = []
+        for fmt, paths in _group(sources):
+            if fmt == "text":
+                self.parts.append(paths)
+            elif fmt == _DISK:
+                saved = _load_saved(paths[0], option)
+                self.parts.append(_text_only(saved, text_column, f"The saved dataset '{paths[0]}'", option))
+            else:
+                self.parts.append(_load_file_group(fmt, paths, work, text_column, option))
+        self._reported = False
+
+    def _raw_batches(self) -> Iterator[list]:
+        for part in self.parts:
+            if isinstance(part, list):
+                for path in part:
+                    yield from _iter_text_lines(path)
+            else:
+                for table in part.with_format("arrow").iter(batch_size=_DOCUMENT_BATCH):
+                    yield table.column("text").to_pylist()
+
+    def batches(self, keep: np.ndarray | None = None) -> Iterator[list[str]]:
+        """Batches of documents; with ``keep``, only the documents whose index (among all) it marks True."""
+        rows = seen = 0
+        for raw in self._raw_batches():
+            rows += len(raw)
+            texts = _non_empty(raw)
+            if keep is not None:
+                mask = keep[seen : seen + len(texts)]
+                texts = [t for t, k in zip(texts, mask) if k]
+                seen += len(mask)
+            else:
+                seen += len(texts)
+            if texts:
+                yield texts
+        if seen == 0:
+            names = ", ".join(f"'{s.path}'" for s in self.sources)
+            column = "" if all(s.format == "text" for s in self.sources) else f" (column '{self.text_column}')"
+            raise LmforgeError(
+                f"{self.option}: {names} contain no documents{column}: {rows} rows, all empty. Put text in the "
+                f"file(s) or point {self.option} at the right data."
+            )
+        if seen < rows and not self._reported:
+            self._reported = True
+            log.info("Skipped %d empty documents in %s.", rows - seen, self.option)
+
+    def count(self) -> int:
+        """Number of (non-empty) documents: one pass over the files, without tokenizing."""
+        return sum(len(texts) for texts in self.batches())
+
+
+def _load_file_group(fmt: str, paths: list[Path], work: Path, text_column: str, option: str) -> datasets.Dataset:
+    """Consecutive ``.jsonl``/``.csv``/``.parquet`` files read by their 🤗 datasets builder, ``text`` column only."""
+    try:
+        raw = _load_builder(fmt, paths, work)
+    except LmforgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types
+        raise _diagnose_load_failure(fmt, paths, work, exc, text_column, option) from None
+    if text_column not in raw.column_names and len(paths) > 1:
+        # Name the file that lacks the column.
+        for path in paths:
+            _text_only(_load_builder(fmt, [path], work), text_column, f"The data file '{path}'", option)
+        return _text_only(raw, text_column, f"The data files {', '.join(map(str, paths))}", option)
+    where = f"The data file '{paths[0]}'" if len(paths) == 1 else f"The data files {', '.join(map(str, paths))}"
+    return _text_only(raw, text_column, where, option)
+
+
+_DOCUMENT_BATCH = 1000
+_TEXT_SCHEMA = pa.schema([("text", pa.string())])
 
 
 def read_documents(
@@ -342,8 +452,9 @@ def read_documents(
     """Read the documents of ``files`` into a dataset with one ``text`` column, in file order.
 
     Empty documents (empty lines of a ``.txt`` file, empty or null cells) are skipped. ``work_dir`` is
-    where 🤗 datasets may write its Arrow files; by default a temporary directory is used and the
-    result is kept in memory. Every user mistake raises :class:`LmforgeError`.
+    where the documents are written as an Arrow file (and where 🤗 datasets may write its own); by
+    default a temporary directory is used and the result is kept in memory. Every user mistake
+    raises :class:`LmforgeError`. (The datamodule does not use this: it streams the documents.)
     """
     if isinstance(files, list) and files and all(isinstance(f, DataSource) for f in files):
         sources = files
@@ -351,57 +462,17 @@ def read_documents(
         sources = resolve_data_files(files, option=option)
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="lmforge-read-") as tmp:
-            documents = read_documents(sources, text_column, tmp, option)
-            with _quiet_progress():
-                return documents.flatten_indices(keep_in_memory=True)
+            documents = _Documents(sources, text_column, Path(tmp), option)
+            batches = [pa.record_batch([pa.array(t, pa.string())], schema=_TEXT_SCHEMA) for t in documents.batches()]
+            return datasets.Dataset(pa.Table.from_batches(batches, schema=_TEXT_SCHEMA))
     work = Path(work_dir)
-    for source in sources:
-        _check_file(source)
-
-    parts: list[datasets.Dataset] = []
-    for fmt, paths in _group(sources):
-        if fmt == _DISK:
-            part = _text_only(_load_saved(paths[0], option), text_column, f"The saved dataset '{paths[0]}'", option)
-        else:
-            try:
-                raw = _load_builder(fmt, paths, work)
-            except LmforgeError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types
-                raise _diagnose_load_failure(fmt, paths, work, exc, text_column, option) from None
-            if fmt == "text":
-                part = raw  # the text builder always names its column "text"
-            elif text_column not in raw.column_names and len(paths) > 1:
-                # Name the file that lacks the column.
-                for path in paths:
-                    _text_only(_load_builder(fmt, [path], work), text_column, f"The data file '{path}'", option)
-                part = _text_only(raw, text_column, f"The data files {', '.join(map(str, paths))}", option)
-            else:
-                where = f"The data file '{paths[0]}'" if len(paths) == 1 else f"The data files {', '.join(map(str, paths))}"
-                part = _text_only(raw, text_column, where, option)
-        parts.append(part)
-
-    if len(parts) > 1:  # e.g. parquet's large_string next to a .txt file's string
-        string = datasets.Features({"text": datasets.Value("string")})
-        with _quiet_progress():
-            parts = [
-                p if p.features["text"].dtype == "string" else p.cast(string, cache_file_name=str(work / f"cast-{i}.arrow"))
-                for i, p in enumerate(parts)
-            ]
-    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    total = len(dataset)
-    with _quiet_progress():
-        dataset = dataset.filter(_non_empty, batched=True, keep_in_memory=True)
-    if len(dataset) == 0:
-        names = ", ".join(f"'{s.path}'" for s in sources)
-        column = "" if all(s.format == "text" for s in sources) else f" (column '{text_column}')"
-        raise LmforgeError(
-            f"{option}: {names} contain no documents{column}: {total} rows, all empty. Put text in the "
-            f"file(s) or point {option} at the right data."
-        )
-    if len(dataset) < total:
-        log.info("Skipped %d empty documents in %s.", total - len(dataset), option)
-    return dataset
+    work.mkdir(parents=True, exist_ok=True)
+    documents = _Documents(sources, text_column, work, option)
+    path = work / f"documents-{uuid.uuid4().hex[:8]}.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _TEXT_SCHEMA) as writer:
+        for texts in documents.batches():
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.string())], schema=_TEXT_SCHEMA))
+    return datasets.Dataset.from_file(str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,40 +480,20 @@ def read_documents(
 # --------------------------------------------------------------------------------------------------
 
 
-def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-    encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
-    return {"input_ids": [e.ids for e in encodings]}
-
-
 def tokenize_documents(
-    documents: datasets.Dataset,
-    tokenizer: Tokenizer,
-    cache_file_name: str | os.PathLike,
-    fingerprint: str,
-    desc: str = "Tokenizing",
-) -> datasets.Dataset:
-    """Tokenize the ``text`` column into ``input_ids`` (no special tokens added), batched."""
-    return documents.map(
-        _encode_batch,
-        batched=True,
-        batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer},
-        remove_columns=documents.column_names,
-        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
-        cache_file_name=str(cache_file_name),
-        new_fingerprint=fingerprint,
-        load_from_cache_file=False,
-        desc=desc,
-    )
+    batches: Iterable[list[str]], tokenizer: Tokenizer, desc: str = "Tokenizing"
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize batches of documents (no special tokens added): yields ``(lengths, flat ids)`` per batch.
 
-
-def _list_parts(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, flat values) of a list<int> column, honouring slices."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    return lengths, values
+    A generator, so that only one batch of documents and ids is in memory at a time.
+    """
+    log.info("%s ...", desc)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast: no offsets computed
+    for texts in batches:
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        yield lengths, values
 
 
 def _with_separators(lengths: np.ndarray, values: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -465,31 +516,54 @@ def _row_batch(values: np.ndarray, lengths: np.ndarray) -> pa.RecordBatch:
     return pa.record_batch([array], schema=_ROW_SCHEMA)
 
 
+#: The file name ``datasets.Dataset.save_to_disk`` gives a one-shard dataset (read by ``load_from_disk``).
+_SAVED_SHARD = "data-00000-of-00001.arrow"
+
+
+def write_saved_dataset_metadata(directory: Path, fingerprint: str) -> None:
+    """Write the ``state.json``/``dataset_info.json`` that make ``directory/_SAVED_SHARD`` (rows in
+    :data:`_ROW_SCHEMA`) loadable by ``datasets.load_from_disk``, as ``save_to_disk`` would: the rows
+    are written there directly rather than copied by ``save_to_disk`` (a copy that would read, and
+    map, every row once more).
+    """
+    state = {
+        "_data_files": [{"filename": _SAVED_SHARD}],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    (directory / "dataset_info.json").write_text(json.dumps({"features": features.to_dict()}, indent=2))
+
+
 def build_rows(
-    tokenized: datasets.Dataset,
+    tokenized: Iterable[tuple[np.ndarray, np.ndarray]],
     path: str | os.PathLike,
     block_size: int,
     eos_id: int | None,
     packing: bool = True,
     long_documents: str = "truncate",
     split: str = "train",
-    batch_size: int = 10_000,
-) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Turn tokenized documents into training rows, written as an Arrow file at ``path``.
+) -> dict[str, int]:
+    """Turn batches of tokenized documents ``(lengths, flat ids)`` into training rows, streamed into an
+    Arrow stream file at ``path`` (only one batch and the packing remainder are in memory).
 
     Packing: every document's ids followed by ``eos_id``, concatenated in order and cut into rows of
     exactly ``block_size`` tokens; the incomplete last row is dropped. Without packing: one row per
     document (with ``eos_id`` appended when there is one); a row longer than ``block_size`` is
     truncated to its first ``block_size`` tokens, dropped, or an error, per ``long_documents``.
 
-    Returns the rows and counts (``documents``, ``tokens``, ``rows``, ``truncated_documents``,
+    Returns counts (``documents``, ``tokens``, ``rows``, ``truncated_documents``,
     ``dropped_documents``, ``dropped_tokens``).
     """
     stats = {"documents": 0, "tokens": 0, "rows": 0, "truncated_documents": 0, "dropped_documents": 0, "dropped_tokens": 0}
     carry = np.zeros(0, dtype=np.int32)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _ROW_SCHEMA) as writer:
-        for table in tokenized.with_format("arrow").iter(batch_size=batch_size):
-            lengths, values = _list_parts(table.column("input_ids"))
+        for lengths, values in tokenized:
             lengths, values = _with_separators(lengths, values, eos_id)
             stats["documents"] += len(lengths)
             stats["tokens"] += len(values)
@@ -530,7 +604,7 @@ def build_rows(
             stats["rows"] += len(lengths)
     if packing:
         stats["dropped_tokens"] = int(len(carry))
-    return datasets.Dataset.from_file(str(path)), stats
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,8 +818,8 @@ class TextDataModule(L.LightningDataModule):
             except OSError:
                 pass
 
-    def _split(self, documents: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
-        n = len(documents)
+    def _val_mask(self, n: int) -> np.ndarray:
+        """Which of the ``n`` training documents are held out: a seeded random ``val_fraction`` of them."""
         if n < 2:
             raise LmforgeError(
                 f"train_files hold only {n} document, so none can be held out for validation. Add documents "
@@ -753,39 +827,44 @@ class TextDataModule(L.LightningDataModule):
             )
         n_val = min(max(1, round(n * self.val_fraction)), n - 1)
         order = np.random.default_rng(self.seed).permutation(n)
-        val_idx = np.sort(order[:n_val])
-        train_idx = np.sort(order[n_val:])
-        return (
-            documents.select(train_idx, keep_in_memory=True),
-            documents.select(val_idx, keep_in_memory=True),
-        )
+        mask = np.zeros(n, dtype=bool)
+        mask[order[:n_val]] = True
+        return mask
 
     def _build(self, out: Path) -> dict[str, Any]:
+        """Stream documents -> token ids -> rows for each split, into ``out/<split>`` (a saved dataset).
+
+        Nothing the size of the corpus is held in memory or memory-mapped: files are read a chunk at a
+        time, each batch is tokenized and packed at once (the remainder carried to the next batch),
+        and the rows are written where ``load_from_disk`` reads them. With ``val_fraction``, the
+        training files are read three times (counting, train, validation), but tokenized once.
+        """
         work = out / "work"
         work.mkdir()
         train_sources, val_sources = self._sources()
-        train_docs = read_documents(train_sources, self.text_column, work, option="train_files")
+        train_docs = _Documents(train_sources, self.text_column, work, "train_files")
         if val_sources is None:
-            train_docs, val_docs = self._split(train_docs)
+            val_mask = self._val_mask(train_docs.count())
+            splits = (("train", train_docs, ~val_mask), ("val", train_docs, val_mask))
         else:
-            val_docs = read_documents(val_sources, self.text_column, work, option="val_files")
+            val_docs = _Documents(val_sources, self.text_column, work, "val_files")
+            splits = (("train", train_docs, None), ("val", val_docs, None))
 
         stats: dict[str, Any] = {}
         key = self._cache_key or self.cache_key()
-        for split, docs in (("train", train_docs), ("val", val_docs)):
-            tokenized = tokenize_documents(
-                docs, self.tokenizer, work / f"{split}-tokens.arrow", f"{key}-{split}", desc=f"Tokenizing {split}"
-            )
-            rows, counts = build_rows(
+        for split, docs, keep in splits:
+            (out / split).mkdir()
+            tokenized = tokenize_documents(docs.batches(keep), self.tokenizer, desc=f"Tokenizing {split}")
+            counts = build_rows(
                 tokenized,
-                work / f"{split}-rows.arrow",
+                out / split / _SAVED_SHARD,
                 self.row_length(),
                 self.special.eos_id,
                 packing=self.packing,
                 long_documents=self.long_documents,
                 split=split,
             )
-            if len(rows) == 0:
+            if counts["rows"] == 0:
                 option = "train_files" if split == "train" else ("val_files" if val_sources else "val_fraction")
                 reason = (
                     f"its {counts['tokens']} tokens do not fill one row of block_size={self.block_size}"
@@ -795,14 +874,13 @@ class TextDataModule(L.LightningDataModule):
                 raise LmforgeError(
                     f"The {split} data yields no rows: {reason}. Lower block_size or add data ({option})."
                 )
-            with _quiet_progress():
-                rows.save_to_disk(str(out / split))
+            write_saved_dataset_metadata(out / split, f"{key[:16]}-{split}")
             for name, value in counts.items():
                 stats[f"{split}_{name}"] = value
-            del tokenized, rows
+            pa.default_memory_pool().release_unused()  # give back what pyarrow's allocator keeps
         stats["truncated_documents"] = stats["train_truncated_documents"] + stats["val_truncated_documents"]
         stats["dropped_documents"] = stats["train_dropped_documents"] + stats["val_dropped_documents"]
-        del train_docs, val_docs
+        del train_docs, splits
         shutil.rmtree(work, ignore_errors=True)
         self._log_stats(stats)
         return {

@@ -144,11 +144,34 @@ class RelativePositionBias(nn.Embedding):
         q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
         bucket = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_embeddings, self.max_distance)
-        return F.embedding(bucket, self.weight).permute(2, 0, 1).unsqueeze(0)  # (1, nh, T, Tk)
+        # Contiguous: the (nh, T, Tk) bias is added to every row's scores, and adding a transposed
+        # (strided) operand is several times slower than the one small copy made here.
+        return F.embedding(bucket, self.weight).permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, nh, T, Tk)
 
 
 # ----------------------------------------------------------------------------------------------
 # The layers
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout``, except on CPU, where the mask is ``uniform[0, 1) >= p`` (kept with probability
+    ``1 - p``, then scaled by ``1 / (1 - p)`` as always).
+
+    PyTorch's CPU Bernoulli sampler takes about twice as long as drawing uniforms and comparing,
+    and T5 applies dropout to six tensors per layer: with ``dropout: 0.1`` the masks were a sixth
+    of a CPU training step. The masks differ from ``F.dropout``'s for the same seed, not in law.
+    """
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    keep = torch.rand(x.shape, dtype=torch.float32) >= p  # bool: what autograd keeps for backward
+    return x.mul(keep).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` drawing its mask with :func:`dropout` (faster on CPU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -212,7 +235,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, cache: T5Cache | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         nh, hs = self.n_head, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        # split (not view + unbind): its backward concatenates the three gradients straight into the
+        # (B, T, 3C) layout, where unbind's would stack them and then copy once more. 3 x (B, nh, T, hs).
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.qkv(x).split(nh * hs, dim=-1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Tk, hs)
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -221,10 +246,13 @@ class SelfAttention(nn.Module):
             # Training the bias on CPU: SDPA can then only run its reference "math" path, which also
             # scales q and k by 1.0 and runs a NaN-guarding softmax. This is the same math, ~7% faster
             # per step. On GPU, SDPA's memory-efficient kernel takes a bias that needs a gradient.
-            scores = torch.matmul(q, k.transpose(-1, -2)) + mask  # (B, nh, T, Tk); no 1/sqrt(hs) in T5
+            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, nh, T, Tk); no 1/sqrt(hs) in T5
+            # In place (matmul's backward needs only q and k) unless a float32 bias must promote
+            # lower-precision scores (autocast), as the out-of-place sum does.
+            scores = scores.add_(mask) if scores.dtype == mask.dtype else scores + mask
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # (B, nh, T, Tk)
             if dropout_p:
-                probs = F.dropout(probs, dropout_p)
+                probs = dropout(probs, dropout_p)
             y = torch.matmul(probs, v)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p, scale=1.0)
@@ -257,12 +285,40 @@ class CrossAttention(nn.Module):
             k, v = cache.cross_k[layer], cache.cross_v[layer]  # (B, nh, S, hs)
         else:
             S = encoder_hidden.size(1)
-            k, v = self.kv(encoder_hidden).view(B, S, 2, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, S, hs)
+            kv = self.kv(encoder_hidden).split(nh * hs, dim=-1)  # 2 x (B, S, nh*hs): see SelfAttention
+            k, v = (t.view(B, S, nh, hs).transpose(1, 2) for t in kv)  # (B, nh, S, hs)
             if cache is not None:
                 cache.cross_k[layer], cache.cross_v[layer] = k, v
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
         return self.o(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
+
+
+class GatedGeluFunction(torch.autograd.Function):
+    """``gelu_tanh(gate) * linear`` of ``h = [gate | linear]`` ``(B, T, 2F)``, with a hand-written backward.
+
+    Autograd through ``chunk`` computes the two halves' gradients separately and then concatenates
+    them for ``wi``'s backward, an extra pass that costs as much as the GELU on CPU; here they are
+    written into one tensor directly. The arithmetic (``gelu_backward`` of ``grad * linear``; ``grad * gelu(gate)``) is
+    autograd's own, so the gradients are the same to the bit.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, linear = h.chunk(2, dim=-1)  # (B, T, F) each
+        act = F.gelu(gate, approximate="tanh")
+        ctx.save_for_backward(h, act)
+        return act * linear
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        h, act = ctx.saved_tensors
+        gate, linear = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)  # (B, T, 2F)
+        grad_gate, grad_linear = grad_h.chunk(2, dim=-1)
+        torch.ops.aten.gelu_backward.grad_input(grad * linear, gate, approximate="tanh", grad_input=grad_gate)
+        torch.mul(grad, act, out=grad_linear)
+        return grad_h
 
 
 class FeedForward(nn.Module):
@@ -276,12 +332,11 @@ class FeedForward(nn.Module):
         self.kind = kind
         self.wi = nn.Linear(d_model, (2 if kind == "gated-gelu" else 1) * d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "gated-gelu":
-            gate, linear = self.wi(x).chunk(2, dim=-1)  # (B, T, F) each
-            h = F.gelu(gate, approximate="tanh") * linear  # T5 v1.1's "gelu_new"
+            h = GatedGeluFunction.apply(self.wi(x))  # (B, T, F): T5 v1.1's "gelu_new" gate
         else:
             h = F.relu(self.wi(x))  # (B, T, F)
         return self.wo(self.dropout(h))  # (B, T, C)
@@ -296,7 +351,7 @@ class EncoderBlock(nn.Module):
         self.attn = SelfAttention(d_model, n_head, d_kv, dropout)
         self.ff_norm = T5Norm(d_model, eps)
         self.ff = FeedForward(d_model, d_ff, ff, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), mask))  # (B, S, C)
@@ -314,7 +369,7 @@ class DecoderBlock(nn.Module):
         self.cross_attn = CrossAttention(d_model, n_head, d_kv, dropout)
         self.ff_norm = T5Norm(d_model, eps)
         self.ff = FeedForward(d_model, d_ff, ff, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(
         self,
@@ -435,7 +490,7 @@ class T5(Architecture):
         # Tied embeddings reuse shared.weight in logits() instead of sharing a Parameter between two
         # modules, so the state dict holds each tensor once (safetensors refuses shared tensors).
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self._init_weights()
 
     @staticmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -190,6 +191,19 @@ def test_error_bad_utf8_names_byte_offset(tmp_path):
         read_documents(str(jsonl))
 
 
+def test_text_reader_splits_lines_like_the_datasets_text_builder(tmp_path):
+    """The streaming .txt reader must yield exactly the lines 🤗 datasets' "text" builder reads (the
+    reference the cached rows were built from before), whatever its chunk size."""
+    path = tmp_path / "lines.txt"
+    raw = "first\r\nsecond\rthird\n\n   \nnaïve 日本 🐈\u2028same line\x0cstill\n\tlast without newline"
+    path.write_bytes(raw.encode("utf-8"))
+    reference = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))["text"]
+    assert len(reference) == 7  # \r\n, \r and \n end lines; \u2028 and \x0c do not
+    for chunk_size in (1, 3, 7, 1 << 20):
+        lines = [line for chunk in dm_module._iter_text_lines(path, chunk_size=chunk_size) for line in chunk]
+        assert lines == reference, chunk_size
+
+
 def test_check_utf8_across_chunk_boundaries(tmp_path):
     path = tmp_path / "u.txt"
     text = "héllo wörld 日本語 🐈 ok\n" * 3
@@ -323,6 +337,8 @@ def test_validation_split_sizes_and_seed(tokenizer_path, txt_file, tmp_path):
     assert sorted(train + val) == sorted(DOCS)
     assert train == [d for d in DOCS if d in set(train)]  # document order is kept within a split
     assert (dm.stats["train_documents"], dm.stats["val_documents"]) == (36, 4)
+    # The documented choice: the first round(n * val_fraction) of a permutation seeded with `seed` (1234).
+    assert val == [DOCS[i] for i in sorted(np.random.default_rng(1234).permutation(len(DOCS))[:4])]
 
     same = _make(tokenizer_path, str(txt_file), tmp_path / "other", val_fraction=0.1, **common)
     same.setup()
