@@ -29,13 +29,9 @@ def find_checkpoint(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's contents safely (tensors and plain Python types only)."""
     file = find_checkpoint(path)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LmforgeError(
-            f"Cannot read checkpoint {file}: {type(exc).__name__}: {str(exc).splitlines()[0]}. It is corrupt, "
-            "truncated, or holds objects other than tensors and plain data (lmforge never unpickles code)."
-        ) from None
+    from lmforge.reliability.checkpoint_io import safe_load
+
+    checkpoint = safe_load(file)
     if not isinstance(checkpoint, dict) or "lmforge" not in checkpoint:
         raise LmforgeError(
             f"{file} is not an lmforge checkpoint (no 'lmforge' metadata). Convert foreign weights with "
@@ -50,10 +46,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
     if is_model_folder(path):
         return read_model_folder(path)
-    if find_checkpoint(path).is_dir():  # a DeepSpeed ZeRO checkpoint: its shards, gathered
+    file = find_checkpoint(path)
+    if file.is_dir():  # a DeepSpeed ZeRO checkpoint: its shards, gathered
         from lmforge.zero_checkpoint import read_zero_weights
 
-        return read_zero_weights(find_checkpoint(path))
+        return read_zero_weights(file)
     checkpoint = read_checkpoint(path)
     return checkpoint["lmforge"], checkpoint["state_dict"]
 

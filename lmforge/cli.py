@@ -259,7 +259,7 @@ def generate_command(argv: list[str]) -> int:
 
     prompts = _read_prompts(args)
     config = _generation_config(args)
-    model = load_model(args.checkpoint, map_location=args.device)
+    model = load_model(args.checkpoint, map_location=_check_device(args.device))
     if model.family not in ("decoder", "seq2seq"):
         raise LmforgeError(
             f"`lmforge generate` needs a decoder or seq2seq checkpoint; {args.checkpoint} is a {model.family} model."
@@ -300,7 +300,12 @@ def generate_command(argv: list[str]) -> int:
         run(prompts, on_token=show)
         print(text.finish())
         return 0
-    sink = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    try:
+        sink = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    except OSError as exc:
+        raise LmforgeError(
+            f"Cannot write --output {args.output}: {exc.strerror or exc}. Give a path in an existing, writable directory."
+        ) from None
     try:
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
@@ -334,6 +339,11 @@ def _read_prompts(args) -> list[str]:
             lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise LmforgeError(f"Cannot read --prompts_file {args.prompts_file}: {exc.strerror or exc}.") from None
+        except UnicodeDecodeError:
+            from lmforge.data.datamodule import check_utf8
+
+            check_utf8(args.prompts_file)  # raises, naming the bad byte and line and how to re-encode
+            raise
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise LmforgeError(f"--prompts_file {args.prompts_file} holds no prompt (every line is blank); "
@@ -362,6 +372,20 @@ def _generation_config(args):
     )
     config.validate()
     return config
+
+
+def _check_device(name: str) -> str:
+    """``--device`` itself when torch can place the model there, else an LmforgeError saying what exists."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LmforgeError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        have = f"{torch.cuda.device_count()} CUDA GPU(s) visible" if torch.cuda.is_available() else "no CUDA GPU"
+        raise LmforgeError(f"--device {name}: this machine has {have}. Use --device cpu or an existing cuda:N.")
+    return name
 
 
 def _token_id(tokenizer, token: str) -> int:

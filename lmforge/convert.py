@@ -56,7 +56,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LmforgeError(f"{path} is missing: a model folder needs its weights in {MODEL_FILE}.")
     try:
         return load_file(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file is a refusal
         raise LmforgeError(f"Cannot read {path}: {exc}. The file is corrupt or not safetensors.") from None
 
 
@@ -86,7 +86,7 @@ def read_model_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
     path = Path(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise LmforgeError(f"{path / META_FILE} is unreadable ({exc}); the model folder is incomplete.") from None
     if (path / TOKENIZER_FILE).is_file():
         meta["tokenizer_json"] = (path / TOKENIZER_FILE).read_text()
@@ -108,11 +108,27 @@ def _architecture_for_hf(model_type: str):
     return matches[0]
 
 
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """A Hugging Face folder's ``config.json``, or an error naming what is wrong with it."""
+    file = hf_dir / HF_CONFIG_FILE
+    if not file.is_file():
+        raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder: it has no {HF_CONFIG_FILE}.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise LmforgeError(f"{file} is not readable JSON ({exc}); re-save the model with save_pretrained().") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise LmforgeError(
+            f"{file} names no model_type, so lmforge cannot tell which architecture it holds; a folder written "
+            "by transformers' save_pretrained() has one."
+        )
+    return config
+
+
 def read_hf_folder(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     hf_dir = Path(hf_dir)
-    if not (hf_dir / HF_CONFIG_FILE).is_file():
-        raise LmforgeError(f"{hf_dir} is not a Hugging Face model folder: it has no {HF_CONFIG_FILE}.")
-    config = json.loads((hf_dir / HF_CONFIG_FILE).read_text())
+    config = read_hf_config(hf_dir)
+    _architecture_for_hf(config["model_type"])  # refuse an unconvertible type before reading the weights
     if not (hf_dir / MODEL_FILE).is_file():
         raise LmforgeError(
             f"{hf_dir} has no {MODEL_FILE}. lmforge reads only safetensors weights (never pickled .bin files); "
@@ -124,9 +140,16 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.
 def architecture_from_hf(hf_dir: str | Path):
     """Build the architecture plugin for a Hugging Face folder and load its weights into it."""
     config, hf_state = read_hf_folder(hf_dir)
-    model_type = config.get("model_type")
+    model_type = config["model_type"]
     info = _architecture_for_hf(model_type)
-    architecture = info.cls(**info.cls.options_from_hf_config(config))
+    try:
+        options = info.cls.options_from_hf_config(config)
+    except KeyError as exc:
+        raise LmforgeError(
+            f"{Path(hf_dir) / HF_CONFIG_FILE} lacks {exc}, which a '{model_type}' config needs; it is incomplete "
+            "or was edited by hand. Re-save the model with save_pretrained()."
+        ) from None
+    architecture = info.cls(**options)
     state = architecture.hf_state_dict_to_lmforge(hf_state)
     from lmforge.families.base import check_same_shapes
 
@@ -172,7 +195,6 @@ def lmforge_to_hf(source: str | Path, out: str | Path, overwrite: bool = False) 
         (out / TOKENIZER_FILE).write_text(module.tokenizer_json)
     (out / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
-
 
 
 def with_special_token_ids(config: dict, tokenizer) -> dict:

@@ -54,6 +54,13 @@ def _slurm_tasks_per_node(env: dict[str, str]) -> int | None:
     return int(first) if first.isdigit() else None
 
 
+def _world_size(found: str, problems: list[str], fix: str) -> Check:
+    """The "world size" check: OK with what was found, or FAIL listing every problem with ``fix``."""
+    if not problems:
+        return Check("world size", OK, found)
+    return Check("world size", FAIL, f"{found}; {'; '.join(problems)}", fix)
+
+
 def check_launcher(env: dict[str, str], devices: int | None, num_nodes: int | None) -> list[Check]:
     """World size and ranks: consistent within the launcher's variables and with the config."""
     checks: list[Check] = []
@@ -81,10 +88,9 @@ def check_launcher(env: dict[str, str], devices: int | None, num_nodes: int | No
         if local_world and devices and local_world != devices:
             problems.append(f"torchrun starts {local_world} processes per node but trainer.devices={devices}")
         found = f"torchrun: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local} LOCAL_WORLD_SIZE={local_world}"
-        checks.append(Check("world size", FAIL if problems else OK, found + ("; " + "; ".join(problems) if problems else ""),
-                            "Start torchrun with --nnodes equal to trainer.num_nodes and --nproc_per_node equal to "
-                            "trainer.devices on every node (same values everywhere, a different --node_rank each)."
-                            if problems else ""))
+        checks.append(_world_size(found, problems,
+                                  "Start torchrun with --nnodes equal to trainer.num_nodes and --nproc_per_node equal to "
+                                  "trainer.devices on every node (same values everywhere, a different --node_rank each)."))
     elif slurm:
         ntasks, procid, localid = (_int(env, k) for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
         nnodes = _int(env, "SLURM_NNODES") or _int(env, "SLURM_JOB_NUM_NODES")
@@ -108,9 +114,9 @@ def check_launcher(env: dict[str, str], devices: int | None, num_nodes: int | No
                             "debugging interactively); submit with sbatch or set --job-name")
         found = (f"SLURM job {env.get('SLURM_JOB_ID', '?')}: SLURM_NTASKS={ntasks} SLURM_NNODES={nnodes} "
                  f"tasks per node={per_node} SLURM_PROCID={procid} SLURM_LOCALID={localid}")
-        checks.append(Check("world size", FAIL if problems else OK, found + ("; " + "; ".join(problems) if problems else ""),
-                            "In the sbatch script: --nodes=trainer.num_nodes and --ntasks-per-node=trainer.devices "
-                            "(one task per GPU), and launch with `srun lmforge fit ...`." if problems else ""))
+        checks.append(_world_size(found, problems,
+                                  "In the sbatch script: --nodes=trainer.num_nodes and --ntasks-per-node=trainer.devices "
+                                  "(one task per GPU), and launch with `srun lmforge fit ...`."))
     else:
         checks.append(Check("world size", OK, "no SLURM or torchrun variables: a single-node run "
                             "(Lightning starts trainer.devices processes itself)"))

@@ -51,8 +51,8 @@ def _split_tag(tag: str) -> tuple[str, str]:
         return prefix, entity_type
     raise LmforgeError(
         f"Tag {tag!r} is not a BIO (IOB2) tag: entity metrics expect 'O' or 'B-TYPE' / 'I-TYPE' "
-        "(e.g. 'B-PER', 'I-PER'). Convert the labels of the token-classification data to BIO, or "
-        "turn the entity metric off for this task."
+        "(e.g. 'B-PER', 'I-PER'). Convert the tags of the token-classification data (and any "
+        "model.task.init_args.labels) to BIO."
     )
 
 

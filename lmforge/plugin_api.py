@@ -320,6 +320,39 @@ class Task(Plugin, nn.Module):
         nn.Module.__init__(self)
 
     # -- data ----------------------------------------------------------------------------------------
+    def checked_labels(self, labels: list[str] | None) -> list[str] | None:
+        """A copy of a ``labels`` option for ``__init__`` (``None`` stays ``None``), refused with
+        :class:`~lmforge.LmforgeError` when it names a label twice: the head would get two outputs
+        for one name, and only the last could ever be learnt."""
+        if labels is None:
+            return None
+        repeated = sorted({name for name in labels if labels.count(name) > 1})
+        if repeated:
+            raise LmforgeError(
+                f"The task '{self.name}' lists the label(s) {', '.join(map(repr, repeated))} more than once in "
+                "model.task.init_args.labels. List each label once (or leave labels null to take them from the "
+                "training data)."
+            )
+        return list(labels)
+
+    def required_labels(self) -> list[str]:
+        """The ``labels`` option for :meth:`build`, refused with :class:`~lmforge.LmforgeError` while
+        it is null (the task was built outside ``lmforge fit``) or has fewer than two labels (nothing
+        to tell apart; torchmetrics' classification metrics refuse it too)."""
+        labels = getattr(self, "labels", None)
+        if labels is None:
+            raise LmforgeError(
+                f"The task '{self.name}' has no labels: run it through `lmforge fit`, which takes them from "
+                "data.train_files, or list them in model.task.init_args.labels."
+            )
+        if len(labels) < 2:
+            raise LmforgeError(
+                f"The task '{self.name}' needs at least two labels to tell apart, and has {list(labels)} (from "
+                "model.task.init_args.labels, or from the training data when that option is null). Give "
+                "training data with at least two different labels, or list them in model.task.init_args.labels."
+            )
+        return labels
+
     @classmethod
     def infer_labels(cls, columns: dict[str, list[Any]]) -> list[str] | None:
         """The label set seen in the training split's ``columns`` (field name -> values), in a
@@ -361,21 +394,26 @@ class Task(Plugin, nn.Module):
     #: Padding value of each list column in :meth:`collate` (columns not named pad with 0);
     #: ``"pad"`` means the tokenizer's padding token.
     pad_values: ClassVar[dict[str, Any]] = {"input_ids": "pad", "labels": IGNORE_INDEX}
+    #: Columns :meth:`collate` passes through as Python lists even though they hold numbers (e.g.
+    #: unpadded prompt ids kept for generation), for :meth:`predict_step` and metrics.
+    list_columns: ClassVar[tuple[str, ...]] = ()
 
     def collate(self, features: list[dict[str, Any]], special: SpecialTokens) -> dict[str, Any]:
         """Build a batch from feature rows (runs in data-loader workers).
 
         The default right-pads every column of int/float lists to the longest row (values from
         :attr:`pad_values`), adds ``attention_mask`` from ``input_ids``, stacks numbers into
-        tensors, and passes any other column (strings, nested lists) through as a Python list, for
-        :meth:`predict_step`.
+        tensors, and passes any other column (strings, nested lists, those named in
+        :attr:`list_columns`) through as a Python list, for :meth:`predict_step`.
         """
         pad_id = special.pad_id if special.pad_id is not None else (special.eos_id or 0)
         batch: dict[str, Any] = {}
         for key in features[0]:
             values = [f[key] for f in features]
             first = values[0]
-            if isinstance(first, bool) or isinstance(first, (int, float)):
+            if key in self.list_columns:
+                batch[key] = values
+            elif isinstance(first, (int, float)):  # bool is an int
                 batch[key] = torch.tensor(values)
             elif isinstance(first, list) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for v in values for x in v

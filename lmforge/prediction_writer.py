@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lmforge.errors import LmforgeError
+
 
 def to_json(value: Any) -> Any:
     """``value`` with tensors turned into Python numbers and lists."""
@@ -40,6 +42,21 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.path = Path(path)
         self._rows: list[dict[str, Any]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse an output that cannot be written before predicting, not after the whole run."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or exc
+        else:
+            writable = os.access(self.path.parent, os.W_OK | os.X_OK)
+            reason = "it is a directory" if self.path.is_dir() else None if writable else "its directory is read-only"
+        if reason is not None:
+            raise LmforgeError(
+                f"The predictions cannot be written to {self.path} ({reason}). Give `lmforge predict` a writable "
+                "--output FILE.jsonl (default <trainer.default_root_dir>/predictions.jsonl)."
+            )
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self._rows = []

@@ -38,16 +38,22 @@ import inspect
 import io
 import pickle
 import random
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError, closest
-from lmforge.plugin_api import PLUGIN_KINDS, Architecture, Objective, Plugin, SpecialTokens
+from lmforge.plugin_api import (
+    PLUGIN_KINDS,
+    Architecture,
+    Objective,
+    Plugin,
+    SpecialTokens,
+)
 
 Status = Literal["pass", "fail", "skip"]
 
@@ -1068,10 +1074,10 @@ def assert_conforms(name_or_class: str | type, kind: str | None = None, **kwargs
 
 
 __all__ = [
-    "CheckResult",
-    "ConformanceReport",
     "SAMPLE_BLOCK_SIZE",
     "SAMPLE_VOCAB_SIZE",
+    "CheckResult",
+    "ConformanceReport",
     "assert_conforms",
     "build_default",
     "check_plugin",

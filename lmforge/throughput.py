@@ -135,13 +135,17 @@ def step_dims(family: str, batch: dict[str, Any], has_task: bool = False) -> dic
     return dims
 
 
-def training_step_flops(module: Any, batch: dict[str, Any]) -> float | torch.Tensor | None:
+def training_step_flops(
+    module: Any, batch: dict[str, Any], dims: dict[str, Any] | None = None,
+) -> float | torch.Tensor | None:
     """Model FLOPs of one training step (forward + backward = 3 forwards) of ``module`` on ``batch``.
 
     ``None`` when the architecture has no ``forward_flops`` or the batch shapes are not recognised.
+    ``dims`` is ``step_dims`` of the batch when the caller has it already (no second device count).
     """
     forward_flops = getattr(module.architecture, "forward_flops", None)
-    dims = step_dims(module.family, batch, getattr(module, "task", None) is not None)
+    if dims is None:
+        dims = step_dims(module.family, batch, getattr(module, "task", None) is not None)
     if forward_flops is None or dims is None:
         return None
     return 3 * forward_flops(
@@ -212,7 +216,7 @@ class TokenThroughputMonitor(Callback):
             self._seconds += max(now - self._last_end - self._paused, 0.0)
             dims = step_dims(pl_module.family, batch, getattr(pl_module, "task", None) is not None)
             self._tokens += dims["tokens"] if dims else 0
-            flops = training_step_flops(pl_module, batch) if dims else None
+            flops = training_step_flops(pl_module, batch, dims) if dims else None
             self._flops = None if flops is None or self._flops is None else self._flops + flops
         self._last_end, self._paused = now, 0.0
         # Lightning writes logged values only on its logging steps (and after the last micro-batch

@@ -134,6 +134,37 @@ class LmforgeCLI(LightningCLI):
     def _section(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _parse_ckpt_path(self) -> None:
+        """Check that ``--ckpt_path`` holds the model the config builds; never merge its hyper-parameters.
+
+        Lightning's CLI loads the whole checkpoint here and writes its saved hyper-parameters over the
+        config, which would silently replace options the user set (a new ``lr`` on resume) and, for a
+        checkpoint of another model, blame the config's plugins for the mismatch. In lmforge the config
+        (kept as config.yaml in the run directory) is the record of the model, so the checkpoint is only
+        compared with it, from its plain-data metadata, memory-mapped.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # "last", "best", a run directory: lmforge resolves and checks these later
+        from lmforge.reliability.checkpoint_io import safe_load
+
+        meta = safe_load(Path(ckpt_path), mmap=True).get("lmforge") or {}
+        model = section.get("model") or {}
+        saved = (meta.get("module_class"), (meta.get("architecture") or {}).get("class_path"))
+        wanted = (model.get("class_path"), ((model.get("init_args") or {}).get("architecture") or {}).get("class_path"))
+        if None in saved or None in wanted or saved == wanted:
+            return
+        raise LmforgeError(
+            f"The checkpoint {ckpt_path} holds a model of the {meta.get('family')} family with the "
+            f"'{meta['architecture'].get('name')}' architecture ({saved[0]}, {saved[1]}), but the config builds "
+            f"{wanted[0]} with {wanted[1]}. Give the config of the run that wrote the checkpoint (its "
+            "config.yaml), or a checkpoint of this model."
+        )
+
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         fill_vocab_size(cfg)

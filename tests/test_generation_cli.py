@@ -113,3 +113,11 @@ def test_bad_requests_are_refused(model_folder, tmp_path, capsys):
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert main([*base, "--prompts_file", str(tmp_path / "blank.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    for args, message in (
+        (["--prompts_file", str(tmp_path / "latin1.txt")], "is not valid UTF-8"),
+        (["--prompt", "a", "--output", str(tmp_path / "missing" / "x.jsonl")], "Cannot write --output"),
+        (["--prompt", "a", "--device", "gpu0"], "is not a device name"),
+    ):
+        assert main([*base, *args]) == 2
+        assert message in capsys.readouterr().err

@@ -85,6 +85,28 @@ def default_cache_dir() -> Path:
     return base / "datasets"
 
 
+def check_loader_options(batch_size: int, num_workers: int, val_fraction: float, has_val_files: bool) -> None:
+    """Check the options the text and the task datamodule share, with one wording for both."""
+    if batch_size < 1:
+        raise LmforgeError(f"data.batch_size must be at least 1, not {batch_size}.")
+    if num_workers < 0:
+        raise LmforgeError(f"data.num_workers must be 0 or more, not {num_workers}.")
+    if not has_val_files and not 0.0 < val_fraction < 1.0:
+        raise LmforgeError(
+            f"data.val_fraction must be between 0 and 1 (exclusive), not {val_fraction}. Use for example 0.05, "
+            "or give validation data with data.val_files."
+        )
+
+
+def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of ``n`` training items (``n >= 2``) are held out for validation: a seeded random
+    ``fraction`` of them, at least one on each side."""
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return mask
+
+
 # --------------------------------------------------------------------------------------------------
 # Finding and checking the input files
 # --------------------------------------------------------------------------------------------------
@@ -675,15 +697,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if block_size < 1:
             raise LmforgeError(f"block_size must be a positive number of tokens, not {block_size}. Try 256.")
-        if batch_size < 1:
-            raise LmforgeError(f"batch_size must be at least 1, not {batch_size}.")
-        if num_workers < 0:
-            raise LmforgeError(f"num_workers must be 0 or more, not {num_workers}.")
-        if val_files is None and not 0.0 < val_fraction < 1.0:
-            raise LmforgeError(
-                f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction}. Use for example 0.05, "
-                "or give validation data with val_files."
-            )
+        check_loader_options(batch_size, num_workers, val_fraction, val_files is not None)
         if long_documents not in ("truncate", "drop", "error"):
             raise LmforgeError(
                 f"long_documents must be 'truncate', 'drop' or 'error', not '{long_documents}'."
@@ -825,11 +839,7 @@ class TextDataModule(L.LightningDataModule):
                 f"train_files hold only {n} document, so none can be held out for validation. Add documents "
                 "(a .txt file has one document per line) or give validation data with val_files."
             )
-        n_val = min(max(1, round(n * self.val_fraction)), n - 1)
-        order = np.random.default_rng(self.seed).permutation(n)
-        mask = np.zeros(n, dtype=bool)
-        mask[order[:n_val]] = True
-        return mask
+        return held_out_mask(n, self.val_fraction, self.seed)
 
     def _build(self, out: Path) -> dict[str, Any]:
         """Stream documents -> token ids -> rows for each split, into ``out/<split>`` (a saved dataset).

@@ -52,8 +52,10 @@ from lmforge.data.datamodule import (
     _load_builder,
     _load_saved,
     _quiet_progress,
+    check_loader_options,
     default_cache_dir,
     find_bad_json_line,
+    held_out_mask,
     resolve_data_files,
 )
 from lmforge.data.tokenizer import find_special_tokens, load_tokenizer, resolve_tokenizer_path
@@ -228,14 +230,7 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         if max_length < 4:
             raise LmforgeError(f"data.max_length must be at least 4 tokens, not {max_length}. Try 128.")
-        if batch_size < 1:
-            raise LmforgeError(f"data.batch_size must be at least 1, not {batch_size}.")
-        if num_workers < 0:
-            raise LmforgeError(f"data.num_workers must be 0 or more, not {num_workers}.")
-        if val_files is None and not 0.0 < val_fraction < 1.0:
-            raise LmforgeError(
-                f"data.val_fraction must be between 0 and 1 (exclusive), not {val_fraction}, or give val_files."
-            )
+        check_loader_options(batch_size, num_workers, val_fraction, val_files is not None)
         self.save_hyperparameters()
         self.files = {"train": train_files, "val": val_files, "test": test_files, "predict": predict_files}
         self.val_fraction = val_fraction
@@ -304,10 +299,8 @@ class TaskDataModule(L.LightningDataModule):
             n = len(records)
             if n < 2:
                 raise LmforgeError("train_files hold only one record, so none can be held out: add records or val_files.")
-            n_val = min(max(1, round(n * self.val_fraction)), n - 1)
-            order = np.random.default_rng(self.seed).permutation(n)
-            keep = np.sort(order[:n_val] if split == "val" else order[n_val:])
-            records = records.select(keep).flatten_indices()
+            held_out = held_out_mask(n, self.val_fraction, self.seed)
+            records = records.select(np.flatnonzero(held_out if split == "val" else ~held_out)).flatten_indices()
             records = records.remove_columns("example_id").add_column("example_id", list(range(len(records))))
         return records
 

@@ -264,6 +264,23 @@ def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     return directory / MODEL_FILE
 
 
+def safe_load(file: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(file, weights_only=True)``, with a refusal sentence instead of an unpickling traceback.
+
+    Every lmforge checkpoint read goes through here so that a corrupt, truncated or foreign (pickled
+    code) file gets the same one-paragraph explanation wherever it is read.
+    """
+    try:
+        return torch.load(file, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
+        raise LmforgeError(
+            f"Cannot load checkpoint {file}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. It is "
+            "corrupt or truncated, or it holds objects other than tensors and plain data: lmforge loads "
+            "checkpoints with torch.load(weights_only=True) and never unpickles code, so a checkpoint it did "
+            "not write is refused."
+        ) from None
+
+
 def load_rank_state(model_file: Path, rank: int) -> dict[str, Any] | None:
     """The per-rank part of a committed checkpoint for ``rank``, or ``None`` if it has none."""
     file = Path(model_file).parent / f"rank-{rank}.pt"
@@ -289,14 +306,7 @@ class CommittedCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         file = resolve_checkpoint(path)
-        try:
-            checkpoint = torch.load(file, map_location=map_location or "cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
-            raise LmforgeError(
-                f"Cannot load checkpoint {file}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. lmforge "
-                "loads checkpoints with torch.load(weights_only=True): tensors and plain data only, never pickled "
-                "code. A checkpoint holding other objects was not written by lmforge and is refused."
-            ) from None
+        checkpoint = safe_load(file, map_location)
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         if isinstance(checkpoint, dict):
             own = load_rank_state(file, rank)

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -27,6 +26,7 @@ from lmforge.reliability.checkpoint_io import (
     STEP_PREFIX,
     newest_checkpoint,
     resolve_checkpoint,
+    safe_load,
 )
 
 
@@ -91,14 +91,7 @@ def check_checkpoint_fits(file: Path, model: Any) -> None:
         from lmforge.zero_checkpoint import check_zero_checkpoint_fits
 
         return check_zero_checkpoint_fits(file, model)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
-        raise LmforgeError(
-            f"Cannot load checkpoint {file}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. lmforge loads "
-            "checkpoints with torch.load(weights_only=True): tensors and plain data only, never pickled code, so "
-            "a checkpoint holding other objects is refused."
-        ) from None
+    checkpoint = safe_load(file, mmap=True)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         check_same_shapes(model.state_dict(), checkpoint["state_dict"])
 

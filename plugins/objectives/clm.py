@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import LmforgeError, Objective, SpecialTokens, hookimpl
-
-IGNORE_INDEX = -100
+from lmforge.plugin_api import IGNORE_INDEX
 
 
 class CLM(Objective):

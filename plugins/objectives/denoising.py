@@ -15,17 +15,14 @@ a hash of the batch's token ids (reproducible in any worker, process or resumed 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge import LmforgeError, Objective, SpecialTokens, hookimpl
-
-IGNORE_INDEX = -100
+from lmforge_plugins.objectives._seq2seq_batches import batch_rng, pad_pairs, seq2seq_loss
 
 
 def span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator) -> np.ndarray:
@@ -132,34 +129,13 @@ class Denoising(Objective):
                 "(looked for <|endoftext|>, </s>, <eos>). Use a tokenizer that has one."
             )
         rows = [np.asarray(e["input_ids"], dtype=np.int64) for e in examples]
-        digest = hashlib.blake2b(digest_size=16)
-        for row in rows:
-            digest.update(row.tobytes())
-            digest.update(b"|")
-        rng = np.random.default_rng([self.seed, *np.frombuffer(digest.digest(), dtype=np.uint32).tolist()])
+        rng = batch_rng(self.seed, rows)
         eos = np.asarray([special.eos_id], dtype=np.int64)
         pairs = [(np.concatenate([self.corrupt(row, special, rng), eos]), np.concatenate([row, eos])) for row in rows]
-
-        pad = special.pad_id if special.pad_id is not None else special.eos_id
-        in_len = max(len(i) for i, _ in pairs)
-        out_len = max(len(t) for _, t in pairs)
-        input_ids = torch.full((len(pairs), in_len), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(pairs), in_len), dtype=torch.long)
-        labels = torch.full((len(pairs), out_len), IGNORE_INDEX, dtype=torch.long)
-        for i, (inputs, targets) in enumerate(pairs):
-            input_ids[i, : len(inputs)] = torch.from_numpy(inputs)
-            attention_mask[i, : len(inputs)] = 1
-            labels[i, : len(targets)] = torch.from_numpy(targets)
-        batch = {"input_ids": input_ids, "labels": labels}
-        if not bool(attention_mask.all()):
-            batch["attention_mask"] = attention_mask
-        return batch
+        return pad_pairs(pairs, special)
 
     def compute_loss(self, module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        labels = batch["labels"]
-        logits = module(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return {"loss": loss, "tokens": (labels != IGNORE_INDEX).sum()}
+        return seq2seq_loss(module, batch)
 
 
 @hookimpl

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import LmforgeError, Objective, SpecialTokens, hookimpl
-
-IGNORE_INDEX = -100
+from lmforge.plugin_api import IGNORE_INDEX
 
 
 def pad_rows(examples: list[dict[str, Any]], special: SpecialTokens, what: str) -> dict[str, torch.Tensor]:

@@ -29,16 +29,13 @@ new noise.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge import LmforgeError, Objective, SpecialTokens, hookimpl
-
-IGNORE_INDEX = -100
+from lmforge_plugins.objectives._seq2seq_batches import batch_rng, pad_pairs, seq2seq_loss
 
 
 def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -96,15 +93,6 @@ def input_and_target_lengths(
     """Lengths (EOS included) of the inputs and targets made from a row of ``raw_length`` tokens."""
     num_noise, num_spans = noise_counts(raw_length, noise_density, mean_noise_span_length)
     return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
-
-
-def batch_rng(seed: int, rows: list[np.ndarray]) -> np.random.Generator:
-    """A generator that depends only on ``seed`` and the token ids of ``rows`` (see the module docs)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for row in rows:
-        digest.update(np.asarray(row, dtype=np.int64).tobytes())
-        digest.update(b"|")
-    return np.random.default_rng([seed, *np.frombuffer(digest.digest(), dtype=np.uint32).tolist()])
 
 
 class SpanCorruption(Objective):
@@ -167,10 +155,7 @@ class SpanCorruption(Objective):
         return pad_pairs(pairs, special)
 
     def compute_loss(self, module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        labels = batch["labels"]
-        logits = module(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return {"loss": loss, "tokens": (labels != IGNORE_INDEX).sum()}
+        return seq2seq_loss(module, batch)
 
 
 def check_special_tokens(special: SpecialTokens) -> None:
@@ -185,24 +170,6 @@ def check_special_tokens(special: SpecialTokens) -> None:
             "span_corruption ends inputs and targets with an end-of-sequence token, but the tokenizer has none "
             "(looked for <|endoftext|>, </s>, <eos>). Use a tokenizer that has one."
         )
-
-
-def pad_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], special: SpecialTokens) -> dict[str, torch.Tensor]:
-    """Right-pad inputs (pad token, ``attention_mask`` only when some row is padded) and labels (-100)."""
-    pad = special.pad_id if special.pad_id is not None else special.eos_id
-    in_len = max(len(i) for i, _ in pairs)
-    out_len = max(len(t) for _, t in pairs)
-    input_ids = torch.full((len(pairs), in_len), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(pairs), in_len), dtype=torch.long)
-    labels = torch.full((len(pairs), out_len), IGNORE_INDEX, dtype=torch.long)
-    for row, (inputs, targets) in enumerate(pairs):
-        input_ids[row, : len(inputs)] = torch.from_numpy(inputs)
-        attention_mask[row, : len(inputs)] = 1
-        labels[row, : len(targets)] = torch.from_numpy(targets)
-    batch = {"input_ids": input_ids, "labels": labels}
-    if not bool(attention_mask.all()):
-        batch["attention_mask"] = attention_mask
-    return batch
 
 
 @hookimpl

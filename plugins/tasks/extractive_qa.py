@@ -200,6 +200,12 @@ class ExtractiveQA(Task):
     ) -> tuple[tuple[int, int] | None, list[str]]:
         """The first answer's token span (``None``: unanswerable) and every gold answer text."""
         answers = records["answers"][i] or {}
+        if not isinstance(answers, dict):
+            raise LmforgeError(
+                f"extractive_qa: record {example_id}'s answers is {answers!r}, not a SQuAD answers object "
+                '{"text": [...], "answer_start": [...]}. Convert the data to that shape, or map the right '
+                "column to the field answers (data.columns)."
+            )
         texts, starts = list(answers.get("text") or []), list(answers.get("answer_start") or [])
         if not texts:
             if not self.allow_unanswerable:

@@ -84,9 +84,7 @@ class SequenceClassification(Task):
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise LmforgeError(f"sequence_classification threshold must be between 0 and 1, not {threshold}.")
-        if labels is not None and len(set(labels)) != len(labels):
-            raise LmforgeError(f"sequence_classification labels repeat a name: {labels}. List each label once.")
-        self.labels = list(labels) if labels is not None else None
+        self.labels = self.checked_labels(labels)
         self.multi_label = multi_label
         self.threshold = threshold
         self.pooling = pooling
@@ -110,8 +108,8 @@ class SequenceClassification(Task):
             "label": ["positive", "negative", "positive", "negative"],
         }
 
-    def _label_ids(self, value: Any, example_id: int) -> int | list[float]:
-        index = {name: i for i, name in enumerate(self.labels)}
+    def _label_ids(self, value: Any, example_id: int, index: dict[str, int]) -> int | list[float]:
+        """The head target of one record's ``label`` (``index``: label name -> head position)."""
         names = value if isinstance(value, list) else [value]
         if not self.multi_label and isinstance(value, list):
             raise LmforgeError(
@@ -154,7 +152,8 @@ class SequenceClassification(Task):
             if family == "encoder":
                 out["token_type_ids"].append(types)
         if "label" in records:
-            out["labels"] = [self._label_ids(v, e) for v, e in zip(records["label"], records["example_id"])]
+            index = {name: i for i, name in enumerate(self.labels)}  # once per batch, not per record
+            out["labels"] = [self._label_ids(v, e, index) for v, e in zip(records["label"], records["example_id"])]
         if stage == "predict":
             out["text"] = texts
             if pairs:
@@ -163,13 +162,14 @@ class SequenceClassification(Task):
 
     # -- model -------------------------------------------------------------------------------------
     def build(self, module: Any) -> None:
-        if not self.labels:
+        labels = self.required_labels()
+        if self.pooling != "auto" and module.family != "seq2seq":
             raise LmforgeError(
-                "sequence_classification has no labels: run it through `lmforge fit`, which takes them from "
-                "data.train_files, or list them in model.task.init_args.labels."
+                f"sequence_classification pooling '{self.pooling}' is for seq2seq models; the {module.family} "
+                "family pools one way only. Set model.task.init_args.pooling: auto."
             )
-        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(module.architecture.d_model, len(self.labels)))
-        self.metrics = classification_metrics(len(self.labels), self.multi_label, self.threshold)
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(module.architecture.d_model, len(labels)))
+        self.metrics = classification_metrics(len(labels), self.multi_label, self.threshold)
 
     def logits(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
         """``(B, num_labels)`` scores for a batch."""

@@ -135,19 +135,25 @@ class TextToText(Task):
         rows: dict[str, list[Any]] = {"example_id": [], "input_ids": [], "prompt_ids": [], "source_text": []}
         if targets is not None:
             rows.update(labels=[], target_text=[])
-        for i, source in enumerate(records["source"]):
+        sources = records["source"]
+        # one tokenizer call per column for the whole batch: the seq2seq source, or the decoder prompt
+        encoded = tokenizer.encode_batch(
+            sources if family == "seq2seq" else [self.prompt_template.format(source=s) for s in sources],
+            add_special_tokens=False,
+        )
+        if targets is not None:
+            encoded_targets = tokenizer.encode_batch(targets, add_special_tokens=False)
+        for i, source in enumerate(sources):
             target_ids = []
             if targets is not None:
-                target_ids = tokenizer.encode(targets[i], add_special_tokens=False).ids[: self.max_target_length - 1]
-                target_ids.append(special.eos_id)
+                target_ids = encoded_targets[i].ids[: self.max_target_length - 1] + [special.eos_id]
             if family == "seq2seq":
-                source_ids = tokenizer.encode(source, add_special_tokens=False).ids
-                prompt, _, _, _ = self.frame_input(source_ids, None, special, family, max_length)
+                prompt, _, _, _ = self.frame_input(encoded[i].ids, None, special, family, max_length)
                 input_ids, labels = prompt, target_ids
             else:
                 # without a target (predict), leave room for what will be generated (at most half)
                 room = len(target_ids) if targets is not None else min(self.max_new_tokens, max_length // 2)
-                prompt = self._prompt(source, tokenizer, max_length - room, records["example_id"][i])
+                prompt = self._prompt(source, encoded[i].ids, tokenizer, max_length - room, records["example_id"][i])
                 input_ids = prompt + target_ids
                 labels = [IGNORE_INDEX] * len(prompt) + target_ids
             rows["example_id"].append(records["example_id"][i])
@@ -159,9 +165,9 @@ class TextToText(Task):
                 rows["target_text"].append(targets[i])
         return rows
 
-    def _prompt(self, source: str, tokenizer: Any, budget: int, example_id: Any) -> list[int]:
-        """The decoder prompt's ids, at most ``budget`` long: the source is cut (at its end) to fit."""
-        ids = tokenizer.encode(self.prompt_template.format(source=source), add_special_tokens=False).ids
+    def _prompt(self, source: str, ids: list[int], tokenizer: Any, budget: int, example_id: Any) -> list[int]:
+        """The decoder prompt's ids (``ids``: the filled template, encoded), at most ``budget`` long:
+        the source is cut (at its end) to fit."""
         if len(ids) <= budget:
             return ids
         source_ids = tokenizer.encode(source, add_special_tokens=False).ids
@@ -174,14 +180,8 @@ class TextToText(Task):
         cut = tokenizer.decode(source_ids[:keep])
         return tokenizer.encode(self.prompt_template.format(source=cut), add_special_tokens=False).ids[:budget]
 
-    def collate(self, features: list[dict[str, Any]], special: SpecialTokens) -> dict[str, Any]:
-        """Pad ``input_ids``/``labels``; keep the prompts (for generation) and targets as lists."""
-        kept = ("prompt_ids", "source_text", "target_text", "example_id")
-        batch = super().collate([{k: v for k, v in f.items() if k not in kept} for f in features], special)
-        for key in kept:
-            if key in features[0]:
-                batch[key] = [f[key] for f in features]
-        return batch
+    #: ``collate`` pads ``input_ids``/``labels`` and keeps the unpadded prompts (for generation) as lists
+    list_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "example_id")
 
     # -- model -----------------------------------------------------------------------------------
     def step(self, module: Any, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:

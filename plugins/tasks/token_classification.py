@@ -11,7 +11,7 @@ Metrics (streaming): entity-level precision / recall / F1 with seqeval's default
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +49,13 @@ class TokenClassification(Task):
     families = ("encoder", "decoder")
     fields = ("words", "tags")
     label_fields = ("tags",)
-    pad_values = {"input_ids": "pad", "labels": IGNORE_INDEX, "word_starts": 0}
+    pad_values: ClassVar[dict[str, Any]] = {"input_ids": "pad", "labels": IGNORE_INDEX, "word_starts": 0}
 
     def __init__(self, labels: list[str] | None = None, dropout: float = 0.1) -> None:
         super().__init__()
-        if labels is not None:
-            check_bio_labels(labels)
-        self.labels = list(labels) if labels is not None else None
+        self.labels = self.checked_labels(labels)
+        if self.labels is not None:
+            check_bio_labels(self.labels)
         self.dropout = dropout
 
     # -- data --------------------------------------------------------------------------------------
@@ -136,14 +136,10 @@ class TokenClassification(Task):
 
     # -- model -------------------------------------------------------------------------------------
     def build(self, module: Any) -> None:
-        if not self.labels:
-            raise LmforgeError(
-                "token_classification has no tags: run it through `lmforge fit`, which takes them from "
-                "data.train_files, or list them in model.task.init_args.labels."
-            )
-        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(module.architecture.d_model, len(self.labels)))
+        labels = self.required_labels()
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(module.architecture.d_model, len(labels)))
         self.entity_f1 = EntityF1()
-        self.token_accuracy = Accuracy(task="multiclass", num_classes=len(self.labels), ignore_index=IGNORE_INDEX)
+        self.token_accuracy = Accuracy(task="multiclass", num_classes=len(labels), ignore_index=IGNORE_INDEX)
 
     def step(self, module: Any, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         logits = self.head(module.token_features(batch)).float()  # (B, T, L)

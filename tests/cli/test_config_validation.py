@@ -97,3 +97,16 @@ def test_help_and_import_do_not_import_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "DEEPSPEED False" in out
     assert "lmforge COMMAND" in out
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_both(config, tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "encoder.ckpt"  # only its plain-data metadata is read before refusing
+    torch.save({"lmforge": {"family": "encoder", "module_class": "lmforge.families.encoder.EncoderLM",
+                            "architecture": {"name": "bert", "class_path": "lmforge_plugins.architectures.bert.BERT"}}},
+               ckpt)
+    assert main(["fit", "--config", str(config), "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a model of the encoder family with the 'bert' architecture" in err and "DecoderLM" in err
+    assert "Traceback" not in err

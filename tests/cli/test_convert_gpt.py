@@ -77,3 +77,25 @@ def test_init_from_a_model_of_another_shape_names_the_tensors(hf_gpt2, corpus, t
     assert main(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "wte.weight: checkpoint (300, 32) vs model (300, 64)" in err
+
+
+@pytest.mark.parametrize(
+    "config_bytes, message",
+    [
+        (b'{"model_type": "gpt2", "vocab_size": 3\xe9}', "is not readable JSON"),
+        (b'{"model_type": "gpt2",', "is not readable JSON"),
+        (b'{"vocab_size": 300}', "names no model_type"),
+        (b'["gpt2"]', "names no model_type"),
+        (b'{"model_type": "gpt2"}', "lacks 'vocab_size'"),
+        (b'{"model_type": "llama", "vocab_size": 300}', "Convertible types"),
+    ],
+)
+def test_broken_hf_folders_are_refused_by_name(hf_gpt2, tmp_path, capsys, config_bytes, message):
+    _, folder = hf_gpt2
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "config.json").write_bytes(config_bytes)
+    assert main(["convert", "hf-to-lmforge", str(broken), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

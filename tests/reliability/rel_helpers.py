@@ -47,42 +47,27 @@ def small_corpus(root: Path) -> dict[str, Path]:
     return {"train": root / "train.txt", "val": root / "val.txt"}
 
 
+# family -> (architecture, its size options, an objective with collate randomness)
+_MODELS = {
+    "decoder": ("gpt", {"n_layer": 2, "block_size": 32}, "noisy_clm"),
+    "seq2seq": ("t5", {"n_layer": 1, "d_ff": 64}, "span_corruption"),
+    "encoder": ("bert", {"n_layer": 1, "block_size": 32}, "mlm"),
+}
+
+
 def model_section(family: str) -> dict[str, Any]:
     """A tiny model of ``family`` with dropout and an objective with collate randomness."""
-    if family == "decoder":
-        return {
-            "class_path": "decoder",
-            "init_args": {
-                "architecture": {"class_path": "gpt", "init_args": {"n_layer": 2, "n_head": 2, "d_model": 32,
-                                                                    "block_size": 32, "dropout": 0.1}},
-                "objective": {"class_path": "noisy_clm"},
-                "warmup_steps": 2,
-                "lr": 1e-3,
-            },
-        }
-    if family == "seq2seq":
-        return {
-            "class_path": "seq2seq",
-            "init_args": {
-                "architecture": {"class_path": "t5", "init_args": {"n_layer": 1, "n_head": 2, "d_model": 32, "d_ff": 64,
-                                                                   "dropout": 0.1}},
-                "objective": {"class_path": "span_corruption"},
-                "warmup_steps": 2,
-                "lr": 1e-3,
-            },
-        }
-    if family == "encoder":
-        return {
-            "class_path": "encoder",
-            "init_args": {
-                "architecture": {"class_path": "bert", "init_args": {"n_layer": 1, "n_head": 2, "d_model": 32,
-                                                                     "block_size": 32, "dropout": 0.1}},
-                "objective": {"class_path": "mlm"},
-                "warmup_steps": 2,
-                "lr": 1e-3,
-            },
-        }
-    raise KeyError(family)
+    architecture, size, objective = _MODELS[family]
+    return {
+        "class_path": family,
+        "init_args": {
+            "architecture": {"class_path": architecture,
+                             "init_args": {**size, "n_head": 2, "d_model": 32, "dropout": 0.1}},
+            "objective": {"class_path": objective},
+            "warmup_steps": 2,
+            "lr": 1e-3,
+        },
+    }
 
 
 TOKENIZERS = {

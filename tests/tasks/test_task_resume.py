@@ -8,55 +8,25 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
-from rel_helpers import assert_same_training, run_in_process, steps  # noqa: E402
+from rel_helpers import assert_same_training, config, run_in_process, steps, write
 
-from lmforge.reliability import PREEMPTED_EXIT_CODE  # noqa: E402
+from lmforge.reliability import PREEMPTED_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "lmforge" / "data" / "tasks" / "sequence_classification"
+DATA = Path(__file__).resolve().parents[2] / "lmforge" / "data" / "tasks" / "sequence_classification"
 
 
 def _config(tmp_path: Path, run: Path) -> Path:
-    cfg = {
-        "seed_everything": 7,
-        "trainer": {
-            "default_root_dir": str(run),
-            "max_steps": 8,
-            "val_check_interval": 4,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 1,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "accelerator": "cpu",
-            "callbacks": [{"class_path": "lmforge.reliability.StepLog"}],
-        },
-        "model": {
-            "class_path": "encoder",
-            "init_args": {
-                "architecture": {
-                    "class_path": "bert",
-                    "init_args": {"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 64, "dropout": 0.1},
-                },
-                "task": {"class_path": "sequence_classification"},
-                "lr": 1e-3,
-                "warmup_steps": 2,
-            },
-        },
-        "data": {
-            "train_files": str(DATA / "train.jsonl"),
-            "val_files": str(DATA / "val.jsonl"),
-            "tokenizer": str(REPO / "lmforge" / "data" / "corpus" / "wordpiece.json"),
-            "max_length": 48,
-            "batch_size": 8,
-        },
-    }
-    path = tmp_path / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    """The reliability tests' tiny encoder run, with a classification head on the shipped task data."""
+    data = {"train": DATA / "train.jsonl", "val": DATA / "val.jsonl"}
+    cfg = config(data, None, run, family="encoder", max_steps=8)
+    init = cfg["model"]["init_args"]
+    del init["objective"]
+    init["task"] = {"class_path": "sequence_classification"}
+    init["architecture"]["init_args"]["block_size"] = 64
+    cfg["data"] = {**{k: cfg["data"][k] for k in ("train_files", "val_files", "tokenizer")},
+                   "max_length": 48, "batch_size": 8}
+    return write(tmp_path / f"{run.name}.yaml", cfg)
 
 
 def test_task_fit_stopped_and_resumed_is_bit_exact(tmp_path):
