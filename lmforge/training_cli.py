@@ -312,6 +312,7 @@ def fill_task_labels(cfg, subcommand: str | None) -> None:
     init_args = task_cfg.get("init_args")
     if not reads_records(cls) or init_args is None or "labels" not in init_args or init_args.get("labels"):
         return
+    _check_task_family(model.get("class_path"), cls)  # before reading any data
     labels = None
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
@@ -323,11 +324,19 @@ def fill_task_labels(cfg, subcommand: str | None) -> None:
     init_args.labels = labels
 
 
+def _check_task_family(module_class_path: str | None, task_cls: type) -> None:
+    """The family check the model runs when it is built (``check_supports``), done before labels are read."""
+    from lmforge.families import FAMILY_MODULES
+    from lmforge.families.base import check_supports
+
+    for family, module_cls in FAMILY_MODULES.items():
+        if module_class_path in (family, module_cls.__name__, f"{module_cls.__module__}.{module_cls.__qualname__}"):
+            check_supports(family, None, None, task_cls)
+
+
 def _checkpoint_labels(ckpt_path: str, root: Path) -> list[str] | None:
     """The task labels stored with a checkpoint ("last" = the run directory's newest), if any."""
-    import torch
-
-    from lmforge.reliability.checkpoint_io import resolve_checkpoint
+    from lmforge.reliability.checkpoint_io import resolve_checkpoint, safe_load
 
     if ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
         return None
@@ -337,7 +346,7 @@ def _checkpoint_labels(ckpt_path: str, root: Path) -> list[str] | None:
         return None  # the trainer call reports the bad path with its own message
     if file.is_dir():
         return None
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = safe_load(file, mmap=True)
     task = (checkpoint.get("lmforge") or {}).get("task") or {}
     return (task.get("init_args") or {}).get("labels")
 

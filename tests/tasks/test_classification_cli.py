@@ -118,6 +118,7 @@ def test_a_family_the_task_does_not_support_is_refused_before_training(tmp_path,
             "task": {"class_path": "token_classification"},
         },
     }
+    cfg["data"]["train_files"] = str(tmp_path / "missing.jsonl")  # refused before any data is read
     assert main(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))]) == 2
     err = capsys.readouterr().err
     assert "The task 'token_classification' does not support the seq2seq family; it supports encoder, decoder" in err
