@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import tiny_config, write_config
+from ports import free_port
 
 PROBE = '''
 import os
@@ -41,7 +42,7 @@ def test_two_process_ddp_with_a_plugin_module_and_workers(corpus, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lmforge.cli", "fit", "--config", str(config), "--plugins", "probe_plugin"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
-        env={**__import__("os").environ, "PROBE_LOG": str(env_log)},
+        env={**__import__("os").environ, "PROBE_LOG": str(env_log), "MASTER_PORT": str(free_port())},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line.split() for line in env_log.read_text().splitlines()]

@@ -15,16 +15,18 @@ processes on two cores run much faster without oversubscription.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import os
 import random
-import socket
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import free_port
 
 REL_DIR = Path(__file__).resolve().parent
 REPO = REL_DIR.parents[1]
@@ -174,6 +176,7 @@ def _child(argv: list[str], env: dict[str, str], stderr_path: str) -> None:
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 2)
     os.dup2(fd, 1)
+    faulthandler.enable()  # a run that hangs shows where (``wait`` aborts it)
     import torch
 
     torch.set_num_threads(1)
@@ -194,17 +197,14 @@ def wait(processes, timeout: float) -> list[int | None]:
     for p in processes:
         p.join(max(0.0, deadline - time.monotonic()))
     codes = [p.exitcode for p in processes]
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    hung = [p for p in processes if p.is_alive()]
+    for p in hung:  # faulthandler writes every thread's stack to the rank's log first
+        os.kill(p.pid, signal.SIGABRT)
+    for p in hung:
+        p.join(10)
+        p.kill()
+        p.join()
     return codes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ddp(argv: list[str], env: dict[str, str] | None, log_dir: Path, world_size: int = 2):
@@ -217,6 +217,11 @@ def start_ddp(argv: list[str], env: dict[str, str] | None, log_dir: Path, world_
                     "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
         processes.append(start(argv, rank_env, log_dir / f"rank-{rank}.log"))
     return processes
+
+
+def log_tails(log_dir: Path, chars: int = 3000) -> str:
+    """The end of every rank's log in ``log_dir``, for an assertion's message."""
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-chars:]}" for log in sorted(log_dir.glob("rank-*.log")))
 
 
 def wait_for_steps(run_dir: Path, n: int, processes, timeout: float = 120, rank: int = 0) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_config, write_config
+from ports import free_port
 
 from lmforge.doctor import FAIL, OK, WARN, check_cores, check_launcher, check_rendezvous
 from lmforge.estimate import estimate_memory
@@ -21,12 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # -- doctor ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_doctor_accepts_a_consistent_torchrun_environment_and_refuses_inconsistent_ones():
     env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
     assert [c.status for c in check_launcher(env, devices=2, num_nodes=2)] == [OK]
@@ -47,7 +42,7 @@ def test_doctor_checks_slurm_tasks_against_the_config():
 
 
 def test_doctor_rendezvous_port_free_held_and_unresolvable():
-    port = _free_port()
+    port = free_port()
     assert check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"})[0].status == OK
     with socket.socket() as holder:  # a stale job holding the port
         holder.bind(("", port))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config, write_config
+from ports import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -41,12 +41,6 @@ from zero_runs import LOGIT_IDS
 
 TOL = 1e-4  # absolute, on losses of ~5.5 (fp32)
 TIMEOUT = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Runs:
@@ -94,7 +88,8 @@ class Runs:
 
 def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-            "LMFORGE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+            "LMFORGE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+            "MASTER_PORT": str(free_port())}
 
 
 def _check(results: list[subprocess.CompletedProcess], what: str) -> None:
@@ -132,7 +127,7 @@ def runs(corpus, tmp_path_factory):
                               arch={"activation_checkpointing": True}, **node)), "ds_config": str(r.file("bf16.ds.json"))},
     ]
     jobs = _jobs(r, "two_nodes", two)
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_config
+from ports import free_port
 
 from lmforge.cli import main
 
@@ -82,7 +83,7 @@ def test_two_process_validation_equals_one_process(classifier, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lmforge.cli", *common, "--trainer.default_root_dir", str(tmp_path / "two"),
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = metric_rows(tmp_path / "one")[-1], metric_rows(tmp_path / "two")[-1]
