@@ -333,7 +333,7 @@ def _read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     if args.prompts_file == "-":
-        lines = sys.stdin.read().splitlines()
+        lines = _read_stdin_utf8().splitlines()
     else:
         try:
             lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
@@ -349,6 +349,20 @@ def _read_prompts(args) -> list[str]:
         raise LmforgeError(f"--prompts_file {args.prompts_file} holds no prompt (every line is blank); "
                            "write one prompt per line.")
     return prompts
+
+
+def _read_stdin_utf8() -> str:
+    """Standard input decoded as UTF-8 whatever the locale, or a clear error naming the first bad byte."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise LmforgeError(
+            f"Standard input (--prompts_file -) is not valid UTF-8: byte {exc.start} (line {line}) is "
+            f"0x{raw[exc.start]:02x} ({exc.reason}). lmforge reads prompts as UTF-8; re-encode them on the way in, "
+            "for example `iconv -f latin1 -t utf-8 prompts.txt | lmforge generate ... --prompts_file -`."
+        ) from None
 
 
 def _generation_config(args):

@@ -98,7 +98,7 @@ def test_streaming_prints_the_same_text_as_not_streaming(model_folder, capsys):
     assert outputs[0] == outputs[1] == "the cat" + full[: full.index(stop)] + "\n"
 
 
-def test_bad_requests_are_refused(model_folder, tmp_path, capsys):
+def test_bad_requests_are_refused(model_folder, tmp_path, capsys, monkeypatch):
     base = ["generate", "--checkpoint", str(model_folder)]
     for args, message in (
         ([], "exactly one of --prompt TEXT or --prompts_file"),
@@ -121,3 +121,9 @@ def test_bad_requests_are_refused(model_folder, tmp_path, capsys):
     ):
         assert main([*base, *args]) == 2
         assert message in capsys.readouterr().err
+    # The same bytes on standard input: read as UTF-8 whatever the locale, the bad byte named.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"tea\ncaf\xe9\n"), encoding="latin-1"))
+    assert main([*base, "--prompts_file", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "Standard input (--prompts_file -) is not valid UTF-8: byte 7 (line 2) is 0xe9" in err
+    assert "Traceback" not in err

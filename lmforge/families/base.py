@@ -105,6 +105,8 @@ class LMModule(L.LightningModule):
         self.val_loss = torchmetrics.MeanMetric()
         #: The latest training step's loss (detached), read by the training guard's non-finite check.
         self.last_loss: torch.Tensor | None = None
+        #: This step's gradient norm, measured by the training guard and reused to clip (None: not measured).
+        self.last_grad_norm: torch.Tensor | None = None
         #: The tokenizer's special tokens, set from the datamodule (tasks use them to decode and pad).
         self.special = None
         if init_from:
@@ -149,12 +151,47 @@ class LMModule(L.LightningModule):
         loss = out["loss"]
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
-        if self._language_model_loss():
+        if self._language_model_loss() and self._logging_step():
             self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
         for key, value in out.items():
             if key not in ("loss", "tokens"):
                 self.log(f"train/{key}", value)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this training step's logged values (what only they need is computed
+        then: every ``self.log`` call costs host time, a noticeable share of a small model's step)."""
+        if self._trainer is None:
+            return True
+        return self.trainer._logger_connector.should_update_logs  # as Lightning's ThroughputMonitor asks
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip by norm with the norm the training guard has just measured, instead of measuring it again.
+
+        The arithmetic is ``torch.nn.utils.clip_grad_norm_``'s (``coef = clip / (norm + 1e-6)``, at most
+        1, times every gradient), so the result is the same to the bit; it saves one pass over all
+        gradients per step. Used on one device and under DDP (whose gradients are already averaged
+        when the guard runs) with every gradient of one dtype; anything else (value clipping, a loss
+        scaler, DeepSpeed, FSDP) goes through Lightning's own clipping.
+        """
+        norm, self.last_grad_norm = self.last_grad_norm, None
+        if norm is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._clips_here():
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and len({(g.device, g.dtype) for g in grads}) == 1:
+                coef = torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+                return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _clips_here(self) -> bool:
+        """Whether the gradients are whole and final in ``p.grad`` when clipping runs (see above)."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        strategy = self.trainer.strategy
+        return (isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluation_step(batch, "val")

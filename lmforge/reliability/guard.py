@@ -158,11 +158,18 @@ class TrainingGuard(Callback):
         if self._loss_bad is not None:
             flags[rank] = self._loss_bad.to(device=device, dtype=flags.dtype)
         self._loss_bad = None
+        norm = None
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # fp16 loss scaling handles inf grads
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            # The parameters this step would change, in the optimizer's order: the order in which
+            # torch.nn.utils.clip_grad_norm_ sums them, so clipping can reuse the norm to the bit.
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 flags[world + rank] = (~torch.isfinite(norm)).to(flags.dtype)
+        if hasattr(pl_module, "last_grad_norm"):
+            pl_module.last_grad_norm = norm  # gradient clipping reuses it (LMModule.configure_gradient_clipping)
+        if norm is not None and trainer._logger_connector.should_update_logs:
+            pl_module.log("train/grad_norm", norm)  # before clipping, as the Hugging Face Trainer reports it
         if self._stop_signal is not None or step in self._preempt_steps:
             flags[2 * world + rank] = 1.0
         if self._signalled_requeue:
