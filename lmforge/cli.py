@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         command = argv[0]
         if command in TRAINER_COMMANDS:
-            run_trainer_cli(argv)
+            try:
+                run_trainer_cli(argv)
+            finally:
+                close_process_group()
             return 0
         if command in TOOLS:
             return TOOLS[command](argv[1:])
@@ -78,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmforge: error: {user_error}", file=sys.stderr)
         return 2
+
+
+def close_process_group() -> None:
+    """Destroy the torch.distributed process group a run made, before the interpreter exits.
+
+    Left to interpreter shutdown, tearing it down (gloo, DeepSpeed's CPU communicator) now and then
+    aborted a process that had finished its work ("terminate called without an active exception",
+    SIGABRT); torchrun then waits out its 5-minute exit barrier and reports the whole job failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _take_plugins_option(argv: list[str]) -> list[str]:

@@ -3,8 +3,9 @@
 The rows a task's ``predict_step`` returns for each batch are collected in order, passed once
 through the task's ``finalize_predictions`` (which may merge several rows of one record, e.g. the
 windows of a long question-answering context) and written to a temporary file that is renamed into
-place, so a reader never sees half a file. With several processes each writes its own share to
-``<stem>.rank-<r>.jsonl`` (the evaluation sampler gives every record to exactly one process).
+place, so a reader never sees half a file. With several processes (the evaluation sampler gives
+every record to exactly one of them, interleaved) the rows are gathered on rank 0, put back in input
+order by their dataset index, and written there as one file, the same file one process writes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, path: str) -> None:
         super().__init__(write_interval="batch")
         self.path = Path(path)
-        self._rows: list[dict[str, Any]] = []
+        #: (dataset index of the row's record, row) for every row returned so far in this epoch
+        self._rows: list[tuple[int, dict[str, Any]]] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuse an output that cannot be written before predicting, not after the whole run."""
@@ -64,18 +66,28 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         if isinstance(prediction, dict):  # a scoring task returns one dict per batch
             prediction = [prediction]
-        self._rows.extend(to_json(row) for row in prediction)
+        rows = [to_json(row) for row in prediction]
+        indices = list(batch_indices or [])
+        if len(indices) != len(rows):  # not one row per record: the rows keep the place of their batch
+            indices = [indices[0] if indices else len(self._rows)] * len(rows)
+        self._rows.extend(zip(indices, rows))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        indexed, self._rows = self._rows, []
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, indexed)
+            if not trainer.is_global_zero:
+                return
+            indexed = [pair for share in shares for pair in share]
+        # A stable sort by dataset index: the input order (rows of one batch keep their order).
+        rows = [row for _, row in sorted(indexed, key=lambda pair: pair[0])]
         task = getattr(pl_module, "task", None)
-        rows = task.finalize_predictions(self._rows) if task is not None else self._rows
+        rows = task.finalize_predictions(rows) if task is not None else rows
         path = self.path
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank-{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
-        self._rows = []

@@ -93,3 +93,6 @@ def run_jobs(jobs: list[dict]) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     run_jobs(json.loads(Path(sys.argv[1]).read_text()))
+    from lmforge.cli import close_process_group
+
+    close_process_group()  # as `lmforge` does at the end of every command

@@ -93,6 +93,29 @@ def test_two_process_validation_equals_one_process(classifier, tmp_path):
     assert float(two["val/loss"]) == pytest.approx(float(one["val/loss"]), rel=1e-5)
 
 
+def test_two_process_predict_writes_the_one_process_file(classifier, tmp_path):
+    # 5 records in batches of 2: rank 0 gets records 0, 2, 4 and rank 1 records 1, 3 (interleaved),
+    # so only putting the rows back by dataset index gives the input order.
+    lines = (TASKS / "sequence_classification" / "val.jsonl").read_text().splitlines()[:5]
+    records = tmp_path / "new.jsonl"
+    records.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in lines))
+    common = ["predict", "--config", str(classifier["config"]), "--ckpt_path", str(classifier["run"] / "checkpoints" / "last.ckpt"),
+              "--data.predict_files", str(records), "--data.batch_size", "2"]
+    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *common, "--output", str(tmp_path / "two" / "predictions.jsonl"),
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["predictions.jsonl"]  # one file, no per-rank parts
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in one] == [0, 1, 2, 3, 4]
+    assert [{k: r[k] for k in ("id", "text", "label")} for r in two] == [{k: r[k] for k in ("id", "text", "label")} for r in one]
+    assert [r["score"] for r in two] == pytest.approx([r["score"] for r in one], abs=1e-5)
+
+
 def test_token_classification_fits_and_predicts_word_tags(tmp_path):
     cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache", max_epochs=1, limit_train_batches=6)
     config = write_config(tmp_path / "cfg.yaml", cfg)
