@@ -270,11 +270,11 @@ def main(argv=None) -> None:
             family = FAMILIES[name](timing + shlex.split(getattr(args, f"{name}_args")))
             rows.extend(compare(family, args.references, args, Path(tmp)))
     load = os.getloadavg()[0]
-    print(f"\n{'comparison':<32} {'lmforge tok/s':>13} {'reference tok/s':>15} {'ratio':>6} {'goal':>7} {'CPU-time ratio':>14}")
+    print(f"\n{'comparison':<32} {'lmforge tok/s':>13} {'reference tok/s':>15} {'ratio':>7} {'goal':>7} {'CPU-time ratio':>14}")
     for row in rows:
         goal = f">= {row['goal']:.1f}" if row["goal"] else "-"
         met = "" if not row["goal"] else ("  met" if row["ratio"] >= row["goal"] else "  NOT met")
-        print(f"{row['name']:<32} {row['ours']:>13,.0f} {row['theirs']:>15,.0f} {row['ratio']:>6.2f} {goal:>7} "
+        print(f"{row['name']:<32} {row['ours']:>13,.0f} {row['theirs']:>15,.0f} {row['ratio']:>7.3f} {goal:>7} "
               f"{row['cpu_ratio']:>14.2f}{met}")
     if load > threads + 0.5:
         print(f"WARNING: 1-min load average {load:.2f} > {threads} threads: other processes shared the CPUs; "

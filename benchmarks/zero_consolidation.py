@@ -1,6 +1,6 @@
 """Memory of `lmforge convert zero-to-safetensors`: it streams, so it never holds the model even once.
 
-    python benchmarks/zero_consolidation.py          # a ~55M-parameter GPT, ZeRO-3 on 2 CPU ranks (~2 minutes)
+    python benchmarks/zero_consolidation.py          # a ~55M-parameter GPT, ZeRO-3 on 2 CPU ranks (about 1 minute)
 
 1. ``torchrun --nproc_per_node 2`` trains the GPT one step with ``deepspeed_stage_3`` (lmforge's
    CPU strategy) and saves the sharded checkpoint;
@@ -70,6 +70,9 @@ CONSOLIDATE = textwrap.dedent(
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="It takes no options.").parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, out = Path(tmp) / "zero3.ckpt", Path(tmp) / "model"

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Unknown command '{command}'.{closest(command, [*TRAINER_COMMANDS, *TOOLS])} "
             f"Commands: {', '.join([*TRAINER_COMMANDS, *TOOLS])} (see `lmforge --help`)."
         )
+    except BrokenPipeError:  # the reader went away (`lmforge ... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail too
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is None:
@@ -98,7 +101,7 @@ def close_process_group() -> None:
 
 def _take_plugins_option(argv: list[str]) -> list[str]:
     """Remove ``--plugins a,b`` from argv and export the modules to every process we start."""
-    from lmforge.plugin_manager import add_plugin_modules
+    from lmforge.plugin_manager import add_plugin_modules, env_modules
 
     out, modules = [], []
     it = iter(argv)
@@ -112,8 +115,9 @@ def _take_plugins_option(argv: list[str]) -> list[str]:
             modules += arg.split("=", 1)[1].split(",")
         else:
             out.append(arg)
+    if (modules or env_modules()) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a plugin module beside the config, with --plugins or $LMFORGE_PLUGINS alike
     if modules:
-        sys.path.insert(0, os.getcwd()) if os.getcwd() not in sys.path else None
         add_plugin_modules(m.strip() for m in modules if m.strip())
     return out
 
@@ -260,7 +264,7 @@ def generate_command(argv: list[str]) -> int:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when the generated text contains TEXT, which is left out (repeatable)")
     parser.add_argument("--stop_token", action="append", default=[], metavar="TOKEN",
-                        help="stop at this token of the vocabulary, e.g. '<eos>' (repeatable; EOS always stops)")
+                        help="stop at this token of the vocabulary, e.g. '<|endoftext|>' (repeatable; EOS always stops)")
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
     parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
@@ -421,9 +425,11 @@ def _check_device(name: str) -> str:
 def _token_id(tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
+        special = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+        listed = f" Its special tokens: {', '.join(special)}." if special else ""
         raise LmforgeError(
-            f"--stop_token {token!r} is not a token of this model's vocabulary. Give a single token as the "
-            f"tokenizer spells it (e.g. a special token such as '</s>'), or use --stop TEXT to stop at any text."
+            f"--stop_token {token!r} is not a token of this model's vocabulary.{listed} Give a single token as the "
+            f"tokenizer spells it, or use --stop TEXT to stop at any text."
         )
     return token_id
 

@@ -211,4 +211,6 @@ def with_special_token_ids(config: dict, tokenizer) -> dict:
     for key, value in (("pad_token_id", special.pad_id), ("eos_token_id", special.eos_id), ("bos_token_id", special.bos_id)):
         if value is not None and config.get(key) is None:
             config[key] = value
+    if config.get("bos_token_id") is None and config.get("model_type") == "gpt2" and special.eos_id is not None:
+        config["bos_token_id"] = special.eos_id  # GPT-2's convention (else transformers assumes 50256)
     return config

@@ -117,6 +117,13 @@ def check_launcher(env: dict[str, str], devices: int | None, num_nodes: int | No
         checks.append(_world_size(found, problems,
                                   "In the sbatch script: --nodes=trainer.num_nodes and --ntasks-per-node=trainer.devices "
                                   "(one task per GPU), and launch with `srun lmforge fit ...`."))
+    elif num_nodes and num_nodes > 1:
+        checks.append(Check(
+            "world size", FAIL,
+            f"no SLURM or torchrun variables, but trainer.num_nodes={num_nodes}: Lightning alone starts processes on "
+            "this machine only, so they would wait for the other nodes forever",
+            "Launch with srun (configs/cluster/slurm.sbatch) or torchrun on every node (configs/cluster/torchrun.sh), "
+            "or set trainer.num_nodes: 1."))
     else:
         checks.append(Check("world size", OK, "no SLURM or torchrun variables: a single-node run "
                             "(Lightning starts trainer.devices processes itself)"))
@@ -228,9 +235,14 @@ def check_cores(env: dict[str, str], local_processes: int, num_workers: int) -> 
     found = (f"{cores} core(s) for {local_processes} local process(es) x (1 + {num_workers} data-loader workers) = "
              f"{busy} busy processes; OMP_NUM_THREADS={threads if threads is not None else 'unset'}")
     if busy > cores:
-        return Check("cores", FAIL, found + ": oversubscribed",
-                     f"Lower data.num_workers to at most {max(cores // max(local_processes, 1) - 1, 0)} (cores / "
-                     "processes per node - 1), or ask the scheduler for more cores (--cpus-per-task).")
+        workers_that_fit = max(cores // max(local_processes, 1) - 1, 0)
+        if num_workers > workers_that_fit:
+            fix = (f"Lower data.num_workers to at most {workers_that_fit} (cores / processes per node - 1), or ask "
+                   "the scheduler for more cores (--cpus-per-task).")
+        else:  # more processes than cores even without workers
+            fix = ("Start fewer processes per node (trainer.devices, --ntasks-per-node or --nproc_per_node) or ask "
+                   "the scheduler for more cores.")
+        return Check("cores", FAIL, found + ": oversubscribed", fix)
     if local_processes > 1 and threads is None:
         return Check("cores", WARN, found,
                      f"Set OMP_NUM_THREADS={max(cores // local_processes, 1)} so the local processes' intra-op threads "

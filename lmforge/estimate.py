@@ -276,9 +276,9 @@ def estimate_command(argv: list[str]) -> int:
     trainer = config.get("trainer") or {}
     devices = args.devices or (trainer.get("devices") if isinstance(trainer.get("devices"), int) else None) or 1
     num_nodes = args.num_nodes or trainer.get("num_nodes") or 1
-    strategy = args.strategy or trainer.get("strategy") or ("ddp" if devices * num_nodes > 1 else "single")
-    if not isinstance(strategy, str):
-        strategy = str((strategy or {}).get("class_path", "ddp"))
+    strategy, ds_config = _strategy_and_config(
+        args.strategy or trainer.get("strategy") or ("ddp" if devices * num_nodes > 1 else "single")
+    )
     precision = str(args.precision or trainer.get("precision") or "32-true")
     precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
     world = devices * num_nodes
@@ -287,7 +287,6 @@ def estimate_command(argv: list[str]) -> int:
     params = [p for m in modules for p in m.parameters()]
     n_params = sum(p.numel() for p in params)
     persistent = persistent_numel(modules)
-    ds_config = _ds_config_for(strategy)
     architecture = options["_architecture"]
     batch = int(_get(config, "data.batch_size", 1) or 1)
     seq = int(_get(config, "data.block_size", 0) or getattr(architecture, "block_size", 0) or 0)
@@ -318,6 +317,40 @@ def estimate_command(argv: list[str]) -> int:
     for note in est.notes:
         print(f"note: {note}")
     return 0
+
+
+def _strategy_and_config(strategy: Any) -> tuple[str, dict[str, Any] | None]:
+    """(a name :func:`estimate_memory` understands, the DeepSpeed config) for ``trainer.strategy``:
+    a name, or a ``class_path``/``init_args`` section (a DeepSpeed strategy's ``config`` JSON file or
+    dict, or its ``stage``/``offload_*`` arguments)."""
+    if isinstance(strategy, str):
+        return strategy, _ds_config_for(strategy)
+    class_path = str((strategy or {}).get("class_path", "ddp"))
+    if "deepspeed" not in class_path.lower():
+        return class_path, None
+    init_args = (strategy or {}).get("init_args") or {}
+    ds_config = init_args.get("config")
+    if isinstance(ds_config, (str, Path)):
+        import json
+
+        try:
+            ds_config = json.loads(Path(ds_config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise LmforgeError(
+                f"trainer.strategy.init_args.config: the DeepSpeed config {ds_config} cannot be read as JSON "
+                f"({exc}). Point it at a DeepSpeed JSON file, or give the strategy's stage instead."
+            ) from None
+    if isinstance(ds_config, dict):
+        stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+        where = f" ({init_args['config']})" if isinstance(init_args.get("config"), str) else ""
+        return (f"deepspeed_stage_{stage}{where}" if stage else f"ddp (DeepSpeed without ZeRO{where})"), ds_config
+    stage = int(init_args.get("stage", 2))
+    if stage == 0:
+        return "ddp (DeepSpeed without ZeRO)", None
+    name = f"deepspeed_stage_{stage}"
+    if init_args.get("offload_optimizer") or init_args.get("offload_parameters"):
+        name += "_offload"
+    return name, _ds_config_for(name)
 
 
 def _ds_config_for(strategy: str) -> dict[str, Any] | None:

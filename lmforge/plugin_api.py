@@ -489,8 +489,9 @@ class Task(Plugin, nn.Module):
         ``{name: scalar}``; then reset them. Default: none."""
         return {}
 
-    def predict_step(self, module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """One JSON-serialisable dict per row of ``batch`` (label names, tagged words, answers, text)."""
+    def predict_step(self, module: Any, batch: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        """One JSON-serialisable dict per row of ``batch`` (label names, tagged words, answers, text);
+        a task that scores packed text (no records) may return one dict for the whole batch."""
         raise NotImplementedError(f"The task '{self.name}' does not predict.")
 
     def finalize_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

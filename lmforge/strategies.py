@@ -226,14 +226,18 @@ class DeepSpeedCPUStrategy(DeepSpeedZeroStrategy):
         return engine, ds_optimizer
 
     def _format_config(self) -> None:
-        precision = self.precision_plugin.precision
-        if precision in ("16-mixed", "16-true"):
-            raise LmforgeError(
-                f"trainer.precision={precision} (fp16) is not supported by DeepSpeed on CPU. Use bf16-mixed (bf16 "
-                "weights and activations with fp32 master weights) or 32-true."
-            )
+        check_cpu_precision(self.precision_plugin.precision)
         super()._format_config()
         _adapt_config_for_cpu(self.config)
+
+
+def check_cpu_precision(precision: Any) -> None:
+    """Refuse fp16 (with loss scaling) for DeepSpeed on CPU, which does not support it."""
+    if str(precision) in ("16", "16-mixed", "16-true"):
+        raise LmforgeError(
+            f"trainer.precision={precision} (fp16) is not supported by DeepSpeed on CPU. Use bf16-mixed (bf16 "
+            "weights and activations with fp32 master weights) or 32-true."
+        )
 
 
 def _adapt_config_for_cpu(config: dict[str, Any] | None) -> None:

@@ -48,7 +48,7 @@ from lmforge.reliability.failfast import (
     warn_uncommitted_checkpoints,
 )
 from lmforge.run_logger import RunLogger
-from lmforge.strategies import prepare_for_strategy, resolve_strategy
+from lmforge.strategies import DeepSpeedCPUStrategy, check_cpu_precision, prepare_for_strategy, resolve_strategy
 
 DEFAULT_ROOT = "runs/lmforge"
 
@@ -56,6 +56,10 @@ DEFAULT_ROOT = "runs/lmforge"
 for _pattern in (
     ".*args parameter is intended to run from within Python.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    # DeepSpeed's own calls of collectives torch has renamed (nothing the user can change)
+    ".*`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+    # val/test losses and task metrics are torchmetrics states, already reduced over every process
+    ".*self\\.log\\('(val|test)/[^']*', \\.\\.\\., sync_dist=True\\)` when logging on epoch level.*",
 ):
     warnings.filterwarnings("ignore", message=_pattern)
 
@@ -208,6 +212,8 @@ class LmforgeCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, CommittedCheckpointIO()]  # atomic saves, verified weights_only loads
         # ZeRO names (deepspeed_stage_N[_offload]) run DeepSpeed's CPU accelerator when there is no GPU.
         cfg["strategy"] = resolve_strategy(cfg.get("strategy", "auto"), cfg.get("accelerator", "auto"))
+        if isinstance(cfg["strategy"], DeepSpeedCPUStrategy):
+            check_cpu_precision(cfg.get("precision"))  # before the run directory is written
         if cfg["strategy"] in ("ddp", "ddp_spawn") and reads_records(_task_class(self.model)):
             # a task head leaves parts of the backbone unused (a pretraining head, a T5 decoder under
             # encoder-mean pooling), which plain DDP refuses at the second step

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,17 @@ def tiny_config(corpus: dict[str, Path], run_dir: Path, architecture: dict | Non
             "batch_size": 4,
         },
     }
+
+
+def packed_rows(text_file: Path, tokenizer, block_size: int) -> torch.Tensor:
+    """The rows a packed text split holds, rebuilt by hand: every line's ids + end-of-text, cut into blocks."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    stream = []
+    for line in text_file.read_text().splitlines():
+        if line.strip():
+            stream += tokenizer.encode(line, add_special_tokens=False).ids + [eos]
+    n = len(stream) // block_size
+    return torch.tensor(stream[: n * block_size]).view(n, block_size)
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -127,3 +127,16 @@ def test_bad_requests_are_refused(model_folder, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Standard input (--prompts_file -) is not valid UTF-8: byte 7 (line 2) is 0xe9" in err
     assert "Traceback" not in err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """`lmforge plugins list | head -1`: the reader leaves early; no traceback, the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "plugins", "list", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # before the command has written anything (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import packed_rows, tiny_config, write_config
+from tokenizers import Tokenizer
 
 from lmforge.cli import main
 
@@ -208,6 +210,17 @@ def test_scaffolds_train_together_from_yaml_and_the_checkpoint_loads(packages, c
         "class_path": "lmforge_scorer.task.Scorer",
         "init_args": {"metric": "perplexity"},
     }
+
+    # The scoring task predicts over text files: one line per batch of packed rows, in order.
+    output = tmp_path / "scores.jsonl"
+    result = lmforge(["predict", "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", "last",
+                      "--data.predict_files", str(corpus["val"]), "--output", str(output)], packages["site"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    n_rows = len(packed_rows(corpus["val"], Tokenizer.from_file(str(corpus["tokenizer"])), 32))
+    assert len(lines) == math.ceil(n_rows / 4)  # batch_size 4
+    assert all(set(line) == {"perplexity", "tokens"} and 1.0 < line["perplexity"] < 1000.0 for line in lines)
+    assert sum(line["tokens"] for line in lines) == n_rows * 31  # every row scored once: 31 predicted tokens each
 
 
 def test_using_the_broken_plugin_is_an_error_naming_its_package(packages, corpus, tmp_path):

@@ -18,8 +18,11 @@ for c in "$@"; do CONFIG_ARGS+=(--config "$c"); done
 RESUME=()
 [ -d "$RUN_DIR/checkpoints" ] && RESUME=(--ckpt_path last)
 
-MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT lmforge doctor "${CONFIG_ARGS[@]}" \
-  --devices "$NPROC_PER_NODE" --num_nodes "$NNODES"
+# Preflight with the variables torchrun will give this node's first process, checked against the config.
+MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT TORCHELASTIC_RUN_ID=preflight \
+  WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) RANK=$((NODE_RANK * NPROC_PER_NODE)) \
+  LOCAL_WORLD_SIZE=$NPROC_PER_NODE LOCAL_RANK=0 \
+  lmforge doctor "${CONFIG_ARGS[@]}" --devices "$NPROC_PER_NODE" --num_nodes "$NNODES"
 
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

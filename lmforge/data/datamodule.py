@@ -76,6 +76,8 @@ _SUPPORTED_TEXT = (
     "the text_column column), and directories written by datasets.Dataset.save_to_disk."
 )
 _ROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+#: Splits read only by one command, each cached on its own: split -> the option naming its files.
+_EXTRA_SPLITS = {"test": "test_files", "predict": "predict_files"}
 
 
 def default_cache_dir() -> Path:
@@ -677,6 +679,9 @@ class TextDataModule(L.LightningDataModule):
         long_documents: Without packing, what to do with a document longer than ``block_size``:
             ``truncate`` keeps its first ``block_size`` tokens, ``drop`` leaves it out, ``error``
             stops with an error. Ignored when ``packing`` is true.
+        test_files: Data for ``lmforge test`` (the test loss), like ``train_files``; rows are built
+            the same way and cached apart from the training cache, when ``lmforge test`` first needs them.
+        predict_files: Data for ``lmforge predict`` with a task that scores text, like ``test_files``.
     """
 
     def __init__(
@@ -693,6 +698,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 1234,
         long_documents: Literal["truncate", "drop", "error"] = "truncate",
+        test_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         if block_size < 1:
@@ -714,6 +721,8 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seed = seed
         self.long_documents = long_documents
+        self.test_files = test_files
+        self.predict_files = predict_files
 
         self.tokenizer_path = resolve_tokenizer_path(tokenizer)
         self.tokenizer = load_tokenizer(tokenizer)
@@ -731,6 +740,8 @@ class TextDataModule(L.LightningDataModule):
         self.stats: dict[str, Any] = {}
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self.test_dataset: datasets.Dataset | None = None
+        self.predict_dataset: datasets.Dataset | None = None
         self._cache_key: str | None = None
         self._resume_from: tuple[int, int] | None = None  # (epoch, batches consumed) when resuming
 
@@ -773,21 +784,28 @@ class TextDataModule(L.LightningDataModule):
         """Hash of everything the cached rows depend on."""
         train, val = self._sources()
         description = {
-            "format_version": DATA_FORMAT_VERSION,
             "train": [_file_fingerprint(s) for s in train],
             "val": [_file_fingerprint(s) for s in val] if val is not None else None,
-            "tokenizer_sha256": hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest(),
-            "text_column": self.text_column,
-            "block_size": self.block_size,
-            "row_length": self.row_length(),
-            "packing": self.packing,
-            "long_documents": self.long_documents,
             "val_fraction": self.val_fraction if val is None else None,
             "seed": self.seed,
         }
-        blob = json.dumps(description, sort_keys=True).encode()
-        self._cache_key = hashlib.sha256(blob).hexdigest()[:32]
+        self._cache_key = self._hash_with_row_options(description)
         return self._cache_key
+
+    def _hash_with_row_options(self, description: dict[str, Any]) -> str:
+        """Hash of ``description`` plus everything that shapes a row (tokenizer, lengths, packing)."""
+        description = dict(
+            description,
+            format_version=DATA_FORMAT_VERSION,
+            tokenizer_sha256=hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest(),
+            text_column=self.text_column,
+            block_size=self.block_size,
+            row_length=self.row_length(),
+            packing=self.packing,
+            long_documents=self.long_documents,
+        )
+        blob = json.dumps(description, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
 
     @property
     def cache_path(self) -> Path:
@@ -797,8 +815,48 @@ class TextDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build the cache of tokenized rows unless it exists (Lightning runs this once per node)."""
-        final = self.cache_dir / self.cache_key()
+        """Build the cache of tokenized rows unless it exists (Lightning runs this once per node), and
+        the test or prediction rows when the trainer is testing or predicting."""
+        self._build_cache(self.cache_dir / self.cache_key(), self._build)
+        split = self._extra_split()
+        if split is not None:
+            self._build_cache(self._extra_path(split), functools.partial(self._build_extra, split))
+
+    def _extra_split(self) -> str | None:
+        """``"test"`` or ``"predict"`` when the attached trainer runs that command, else ``None``."""
+        state = getattr(getattr(self, "trainer", None), "state", None)
+        fn = getattr(getattr(state, "fn", None), "value", None)
+        return fn if fn in _EXTRA_SPLITS else None
+
+    def _extra_path(self, split: str) -> Path:
+        """The cache of the ``test``/``predict`` rows: apart from the training cache, so that adding
+        test data never rebuilds the training rows."""
+        option = _EXTRA_SPLITS[split]
+        files = getattr(self, option)
+        if files is None:
+            raise LmforgeError(
+                f"`lmforge {split}` needs data.{option}: the text to {'compute the test loss on' if split == 'test' else 'predict on'}"
+                f" (a path, a glob pattern or a list, like train_files). Add --data.{option} FILE to the command."
+            )
+        fingerprints = [_file_fingerprint(s) for s in resolve_data_files(files, option=option)]
+        return self.cache_dir / f"{split}-{self._hash_with_row_options({'split': split, 'files': fingerprints})}"
+
+    def _build_extra(self, split: str, out: Path) -> dict[str, Any]:
+        key = self._extra_path(split).name
+        work = out / "work"
+        work.mkdir()
+        option = _EXTRA_SPLITS[split]
+        docs = _Documents(resolve_data_files(getattr(self, option), option=option), self.text_column, work, option)
+        counts = self._write_split(out, split, docs, None, option, key)
+        del docs
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("Data: %d %s documents -> %d rows.", counts["documents"], split, counts["rows"])
+        stats = {f"{split}_{name}": value for name, value in counts.items()}
+        return {"format_version": DATA_FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
+
+    def _build_cache(self, final: Path, build: Callable[[Path], dict[str, Any]]) -> None:
+        """Run ``build(tmp)`` in a fresh temporary directory and rename it to ``final``, unless ``final``
+        is complete already (its ``meta.json``, written last, marks completeness)."""
         if (final / "meta.json").is_file():
             log.info("Using cached tokenized data in %s", final)
             return
@@ -807,8 +865,7 @@ class TextDataModule(L.LightningDataModule):
         tmp = self.cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            meta = self._build(tmp)
-            self.stats = dict(meta["stats"])
+            meta = build(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completeness
             if final.exists() and not (final / "meta.json").is_file():
                 shutil.rmtree(final, ignore_errors=True)  # a foreign, incomplete directory
@@ -863,31 +920,9 @@ class TextDataModule(L.LightningDataModule):
         stats: dict[str, Any] = {}
         key = self._cache_key or self.cache_key()
         for split, docs, keep in splits:
-            (out / split).mkdir()
-            tokenized = tokenize_documents(docs.batches(keep), self.tokenizer, desc=f"Tokenizing {split}")
-            counts = build_rows(
-                tokenized,
-                out / split / _SAVED_SHARD,
-                self.row_length(),
-                self.special.eos_id,
-                packing=self.packing,
-                long_documents=self.long_documents,
-                split=split,
-            )
-            if counts["rows"] == 0:
-                option = "train_files" if split == "train" else ("val_files" if val_sources else "val_fraction")
-                reason = (
-                    f"its {counts['tokens']} tokens do not fill one row of block_size={self.block_size}"
-                    if self.packing
-                    else "every document was dropped for being longer than block_size"
-                )
-                raise LmforgeError(
-                    f"The {split} data yields no rows: {reason}. Lower block_size or add data ({option})."
-                )
-            write_saved_dataset_metadata(out / split, f"{key[:16]}-{split}")
-            for name, value in counts.items():
+            option = "train_files" if split == "train" else ("val_files" if val_sources else "val_fraction")
+            for name, value in self._write_split(out, split, docs, keep, option, key).items():
                 stats[f"{split}_{name}"] = value
-            pa.default_memory_pool().release_unused()  # give back what pyarrow's allocator keeps
         stats["truncated_documents"] = stats["train_truncated_documents"] + stats["val_truncated_documents"]
         stats["dropped_documents"] = stats["train_dropped_documents"] + stats["val_dropped_documents"]
         del train_docs, splits
@@ -900,6 +935,33 @@ class TextDataModule(L.LightningDataModule):
             "tokenizer": str(self.tokenizer_path),
             "stats": stats,
         }
+
+    def _write_split(
+        self, out: Path, split: str, docs: _Documents, keep: np.ndarray | None, option: str, key: str
+    ) -> dict[str, int]:
+        """Tokenize and pack ``docs`` (those ``keep`` marks) into the saved dataset ``out/<split>``
+        (``key``, the cache's hash, makes its fingerprint)."""
+        (out / split).mkdir()
+        tokenized = tokenize_documents(docs.batches(keep), self.tokenizer, desc=f"Tokenizing {split}")
+        counts = build_rows(
+            tokenized,
+            out / split / _SAVED_SHARD,
+            self.row_length(),
+            self.special.eos_id,
+            packing=self.packing,
+            long_documents=self.long_documents,
+            split=split,
+        )
+        if counts["rows"] == 0:
+            reason = (
+                f"its {counts['tokens']} tokens do not fill one row of block_size={self.block_size}"
+                if self.packing
+                else "every document was dropped for being longer than block_size"
+            )
+            raise LmforgeError(f"The {split} data yields no rows: {reason}. Lower block_size or add data ({option}).")
+        write_saved_dataset_metadata(out / split, f"{key[:16]}-{split}")
+        pa.default_memory_pool().release_unused()  # give back what pyarrow's allocator keeps
+        return counts
 
     def _log_stats(self, stats: dict[str, Any]) -> None:
         log.info(
@@ -932,6 +994,12 @@ class TextDataModule(L.LightningDataModule):
         self.stats = dict(meta.get("stats", {}))
         self.train_dataset = datasets.load_from_disk(str(final / "train"))
         self.val_dataset = datasets.load_from_disk(str(final / "val"))
+        split = stage if stage in _EXTRA_SPLITS else None
+        if split is not None:
+            extra = self._extra_path(split)
+            if not (extra / "meta.json").is_file():
+                self._build_cache(extra, functools.partial(self._build_extra, split))
+            setattr(self, f"{split}_dataset", datasets.load_from_disk(str(extra / split)))
 
     # ----------------------------------------------------------------------------------------------
 
@@ -981,6 +1049,16 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            self.setup("predict")
+        return self._loader(self.predict_dataset, shuffle=False)
 
     # ----------------------------------------------------------------------------------------------
 

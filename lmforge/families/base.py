@@ -308,7 +308,7 @@ class LMModule(L.LightningModule):
         return [TrainingGuard()]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
+        if self._logging_step():  # by global step, so a resumed run logs on the same steps
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     # -- checkpoint metadata ---------------------------------------------------------------------

@@ -48,7 +48,9 @@ def check_output_writable(root: Path) -> None:
             )
 
 
-def _resolve_last(root: Path) -> str | None:
+def _resolve_last(root: Path, subcommand: str) -> str | None:
+    """The newest committed checkpoint of the run in ``root``. None only for ``fit`` (a first run starts
+    from the beginning); ``validate``/``test``/``predict`` of untrained weights are refused."""
     checkpoints = root / "checkpoints"
     newest = newest_checkpoint(checkpoints)
     if newest is not None:
@@ -59,6 +61,13 @@ def _resolve_last(root: Path) -> str | None:
             f"`--ckpt_path last`: {checkpoints} holds {', '.join(leftovers[:3])} but no committed checkpoint "
             f"({STEP_PREFIX}*/MANIFEST.json), so there is nothing lmforge can resume safely. Name a checkpoint "
             "directory with --ckpt_path, or start a new run in another --trainer.default_root_dir."
+        )
+    if subcommand != "fit":
+        raise LmforgeError(
+            f"`lmforge {subcommand} --ckpt_path last`: the run in {root} has no committed checkpoint "
+            f"({checkpoints} holds no {STEP_PREFIX}*/MANIFEST.json), so there are no trained weights to {subcommand}. "
+            "Train it first with `lmforge fit` and the same config, set --trainer.default_root_dir to the run "
+            "that holds them, or name a checkpoint with --ckpt_path."
         )
     rank_zero_info(f"`--ckpt_path last`: no checkpoint in {checkpoints} yet; training starts from the beginning.")
     return None
@@ -74,7 +83,7 @@ def prepare_trainer_call(subcommand: str, fn_kwargs: dict[str, Any], trainer: An
     if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
         return fn_kwargs
     if ckpt_path == "last":
-        resolved = _resolve_last(Path(trainer.default_root_dir))
+        resolved = _resolve_last(Path(trainer.default_root_dir), subcommand)
     else:
         resolved = str(resolve_checkpoint(ckpt_path))
     fn_kwargs["ckpt_path"] = resolved

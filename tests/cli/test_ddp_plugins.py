@@ -52,3 +52,20 @@ def test_two_process_ddp_with_a_plugin_module_and_workers(corpus, tmp_path):
     plugins = json.loads((tmp_path / "run" / "plugins.json").read_text())
     assert {"kind": "objective", "name": "probe_clm", "package": "$LMFORGE_PLUGINS", "version": "-"} in plugins
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_module_in_the_working_directory_loads_by_env_var_as_by_flag(tmp_path):
+    """`LMFORGE_PLUGINS=probe_plugin` finds ./probe_plugin.py exactly as `--plugins probe_plugin` does."""
+    import os
+
+    (tmp_path / "probe_plugin.py").write_text(PROBE)
+    listings = {}
+    for how, extra_args, extra_env in (("flag", ["--plugins", "probe_plugin"], {}),
+                                       ("env", [], {"LMFORGE_PLUGINS": "probe_plugin"})):
+        env = {k: v for k, v in os.environ.items() if k != "LMFORGE_PLUGINS"}
+        result = subprocess.run([sys.executable, "-m", "lmforge.cli", "plugins", "list", "--json", *extra_args],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**env, **extra_env})
+        assert result.returncode == 0, result.stderr[-2000:]
+        listings[how] = json.loads(result.stdout)
+    assert listings["env"] == listings["flag"]
+    assert any(p["name"] == "probe_clm" and p["status"] == "ok" for p in listings["env"])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import tiny_config, write_config
+from conftest import packed_rows, tiny_config, write_config
 
 from lmforge.checkpoint import load_model, read_checkpoint
 from lmforge.cli import main, run_trainer_cli
@@ -100,3 +100,51 @@ def test_generate_repeats_with_a_seed(trained, capsys):
     assert outputs[0] == outputs[1]
     assert outputs[0] != outputs[2]
     assert all(o.startswith("the cat") for o in outputs)
+
+
+def test_test_reports_the_loss_on_test_files_against_a_plain_computation(trained, tmp_path):
+    test_file = tmp_path / "held_out.txt"
+    test_file.write_text(_paths(trained)["val"].read_text()[:3000].rsplit("\n", 1)[0] + "\n")
+    before = snapshot(trained["run"] / "checkpoints")
+    cli = run_trainer_cli(["test", "--config", str(trained["config"]), "--ckpt_path", "last",
+                           "--data.test_files", str(test_file)])
+    model = load_model(trained["run"]).eval()
+    rows = packed_rows(test_file, model.tokenizer(), 32)
+    with torch.no_grad():
+        logits = model(rows)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+    assert float(cli.trainer.callback_metrics["test/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(cli.trainer.callback_metrics["test/ppl"]) == pytest.approx(float(expected.exp()), rel=1e-4)
+    assert snapshot(trained["run"] / "checkpoints") == before
+
+
+def test_test_without_test_files_says_which_option_to_add(trained, capsys):
+    assert main(["test", "--config", str(trained["config"]), "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "`lmforge test` needs data.test_files" in err and "--data.test_files FILE" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluating_last_of_an_untrained_run_is_refused(trained, tmp_path, capsys, command):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(_paths(trained), tmp_path / "new-run"))
+    assert main([command, "--config", str(config), "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert f"`lmforge {command} --ckpt_path last`" in err and "no committed checkpoint" in err
+    assert "Train it first with `lmforge fit`" in err
+    assert not list((tmp_path / "new-run").rglob("*.ckpt"))
+
+
+def test_lmforge_to_hf_names_the_tokenizers_end_of_text_as_bos_and_eos(trained, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["convert", "lmforge-to-hf", str(trained["run"]), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    eos = load_model(trained["run"]).tokenizer().token_to_id("<|endoftext|>")
+    assert (config["model_type"], config["eos_token_id"], config["bos_token_id"]) == ("gpt2", eos, eos)
+
+
+def test_an_unknown_stop_token_lists_the_special_tokens(trained, capsys):
+    args = ["generate", "--checkpoint", str(trained["run"]), "--prompt", "the cat", "--stop_token", "<eos>"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--stop_token '<eos>' is not a token" in err and "Its special tokens: <|endoftext|>" in err

@@ -181,3 +181,16 @@ def test_sigkill_during_a_save_resumes_from_the_newest_committed_checkpoint(poin
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]  # cleaned at the restart
     assert_same_training(expected, tmp_path / "run")
     assert read_manifest((checkpoints / "last.ckpt").resolve().parent)["step"] == 16
+
+
+def test_a_resumed_run_logs_on_the_same_steps(data, tmp_path):
+    """Rows of metrics.csv come every log_every_n_steps global steps, across a stop that is not on one."""
+    import csv
+
+    cfg = write(tmp_path / "cfg.yaml", config(data, data["tokenizer"], tmp_path / "run", log_every_n_steps=3))
+    assert [code for code, _ in run_segments(cfg, tmp_path / "run", {"LMFORGE_PREEMPT_AT_STEP": "4"})] == [
+        PREEMPTED_EXIT_CODE, 0,
+    ]
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    for column in ("train/loss", "train/lr", "train/ppl", "train/grad_norm"):
+        assert [int(r["step"]) for r in rows if r.get(column)] == [2, 5, 8, 11, 14], column

@@ -41,6 +41,12 @@ def test_doctor_checks_slurm_tasks_against_the_config():
     assert interactive.status == FAIL and "interactive" in interactive.found
 
 
+def test_doctor_refuses_several_nodes_without_a_launcher():
+    assert check_launcher({}, devices=2, num_nodes=1)[0].status == OK
+    alone = check_launcher({"MASTER_ADDR": "127.0.0.1"}, devices=2, num_nodes=2)[0]
+    assert alone.status == FAIL and "trainer.num_nodes=2" in alone.found and "torchrun" in alone.fix
+
+
 def test_doctor_rendezvous_port_free_held_and_unresolvable():
     port = free_port()
     assert check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"})[0].status == OK
@@ -63,6 +69,8 @@ def test_doctor_cores():
     over = check_cores({}, local_processes=cores, num_workers=2)
     assert over.status == FAIL and "oversubscribed" in over.found and "num_workers" in over.fix
     assert check_cores({"OMP_NUM_THREADS": "1"}, local_processes=1, num_workers=0).status == OK
+    no_workers = check_cores({}, local_processes=cores + 1, num_workers=0)  # too many processes, not workers
+    assert no_workers.status == FAIL and "num_workers" not in no_workers.fix and "fewer processes" in no_workers.fix
 
 
 def test_doctor_command_end_to_end_and_no_deepspeed_import(corpus, tmp_path):
@@ -180,3 +188,30 @@ def test_zero_names_are_registered_without_importing_deepspeed():
     assert strategies.ZERO_NAMES["deepspeed_stage_3_offload"] == {
         "stage": 3, "offload_optimizer": True, "offload_parameters": True}
     assert strategies.resolve_strategy("ddp", "cpu") == "ddp"  # anything else is left alone
+
+
+def test_estimate_reads_the_stage_and_buckets_of_a_deepspeed_json_config(corpus, tmp_path, capsys, monkeypatch):
+    """configs/strategies/deepspeed_json.yaml (its ds_zero3.json) is estimated as ZeRO-3, like the name."""
+    from conftest import REPO
+
+    from lmforge.cli import main
+
+    monkeypatch.chdir(REPO)  # the fragment names its JSON relative to the repository root
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(corpus, tmp_path / "run"))
+    results = {}
+    for name, extra in (("json", ["--config", "configs/strategies/deepspeed_json.yaml"]),
+                        ("name", ["--strategy", "deepspeed_stage_3"])):
+        assert main(["estimate", "--config", str(config), *extra, "--devices", "2", "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["json"]["strategy"] == "deepspeed_stage_3 (configs/strategies/ds_zero3.json)"
+    got, named = results["json"]["bytes_per_device"], results["name"]["bytes_per_device"]
+    assert (got["params"], got["grads"], got["optimizer"]) == (named["params"], named["grads"], named["optimizer"])
+    assert got["buffers"] == 4 * 5_000_000  # the JSON's reduce_bucket_size, fp32
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  strategy:\n    class_path: lmforge.strategies.DeepSpeedZeroStrategy\n"
+                   f"    init_args: {{config: {tmp_path / 'missing.json'}}}\n")
+    assert main(["estimate", "--config", str(config), "--config", str(bad), "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the DeepSpeed config" in err and "missing.json" in err and "Traceback" not in err

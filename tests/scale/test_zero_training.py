@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_config, write_config
 from ports import free_port
 
@@ -40,6 +41,11 @@ sys.path.insert(0, str(HERE))  # zero_runs: the loss recorder, also for the runs
 from zero_runs import LOGIT_IDS
 
 TOL = 1e-4  # absolute, on losses of ~5.5 (fp32)
+#: ZeRO-3 through configs/strategies/deepspeed_json.yaml's strategy and its shipped ds_zero3.json.
+SHIPPED_JSON_STRATEGY = {
+    "class_path": yaml.safe_load((REPO / "configs/strategies/deepspeed_json.yaml").read_text())["trainer"]["strategy"]["class_path"],
+    "init_args": {"config": str(REPO / "configs/strategies/ds_zero3.json")},
+}
 TIMEOUT = 420
 
 
@@ -114,7 +120,7 @@ def runs(corpus, tmp_path_factory):
     two = [
         {"argv": fit(r.config("z1", "deepspeed_stage_1", **node)), "ds_config": str(r.file("z1.ds.json"))},
         {"argv": fit(r.config("z2", "deepspeed_stage_2", **node))},
-        {"argv": fit(r.config("z3", "deepspeed_stage_3", **node)), "logits": str(r.file("z3.logits.pt")),
+        {"argv": fit(r.config("z3", SHIPPED_JSON_STRATEGY, **node)), "logits": str(r.file("z3.logits.pt")),
          "done": str(r.file("z3.done.json"))},
         {"argv": fit(r.config("z3off", "deepspeed_stage_3_offload", **node)), "ds_config": str(r.file("z3off.ds.json"))},
         {"argv": fit(r.config("z2half", "deepspeed_stage_2", max_steps=3, **node))},
@@ -270,3 +276,4 @@ def test_bf16_with_activation_checkpointing_trains_close_to_fp32(runs):
 def test_fp16_on_cpu_is_refused_with_a_clear_message(runs):
     message = runs.file("fp16.error.txt").read_text()
     assert "16-mixed" in message and "bf16-mixed" in message and "not supported by DeepSpeed on CPU" in message
+    assert not (runs.file("fp16") / "config.yaml").exists()  # refused before the run directory was written
