@@ -252,6 +252,7 @@ def generate_command(argv: list[str]) -> int:
     parser.add_argument("--prompt", help="the text to continue (or, for seq2seq, to transform)")
     parser.add_argument("--prompts_file", help="a text file with one prompt per line (blank lines skipped); - reads stdin")
     parser.add_argument("--output", help="write JSONL here: one line per prompt, {\"prompt\": ..., \"generated\": [...]}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -276,9 +277,15 @@ def generate_command(argv: list[str]) -> int:
     from lmforge.checkpoint import load_model
     from lmforge.data.tokenizer import find_special_tokens
     from lmforge.generation import TextStream, cut_at_stop_string, generate_batch
+    from lmforge.output_files import check_output_file, expand_inputs, temporary_sibling
 
     prompts = _read_prompts(args)
     config = _generation_config(args)
+    if args.output:
+        inputs = expand_inputs([args.prompts_file] if args.prompts_file not in (None, "-") else None)
+        checkpoint = Path(args.checkpoint)
+        inputs += list(checkpoint.rglob("*")) if checkpoint.is_dir() else [checkpoint]
+        check_output_file(args.output, "--output", args.overwrite, inputs)
     model = load_model(args.checkpoint, map_location=_check_device(args.device))
     if model.family not in ("decoder", "seq2seq"):
         raise LmforgeError(
@@ -320,8 +327,9 @@ def generate_command(argv: list[str]) -> int:
         run(prompts, on_token=show)
         print(text.finish())
         return 0
+    partial = temporary_sibling(Path(args.output)) if args.output else None
     try:
-        sink = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+        sink = open(partial, "w", encoding="utf-8") if partial else None  # noqa: SIM115
     except OSError as exc:
         raise LmforgeError(
             f"Cannot write --output {args.output}: {exc.strerror or exc}. Give a path in an existing, writable directory."
@@ -335,9 +343,13 @@ def generate_command(argv: list[str]) -> int:
                 else:
                     for text in texts:
                         print(shown_prompt(prompt) + text)
+        if sink is not None:
+            sink.close()
+            os.replace(partial, args.output)  # only a complete file takes the name
     finally:
         if sink is not None:
             sink.close()
+            partial.unlink(missing_ok=True)
     if sink is not None:
         print(f"wrote {args.output} ({len(prompts)} prompt{'s' if len(prompts) != 1 else ''})")
     return 0

@@ -315,6 +315,9 @@ class Task(Plugin, nn.Module):
     optional_fields: ClassVar[tuple[str, ...]] = ()
     #: The fields that hold the answers (e.g. ``("label",)``): not required by ``predict``.
     label_fields: ClassVar[tuple[str, ...]] = ()
+    #: Options the trained head's weights mean something only with (e.g. ``("labels",
+    #: "multi_label")``): loading a checkpoint whose value differs from the config's is refused.
+    weight_options: ClassVar[tuple[str, ...]] = ("labels",)
 
     def __init__(self) -> None:
         nn.Module.__init__(self)

@@ -47,6 +47,7 @@ from lmforge.reliability.failfast import (
     prepare_trainer_call,
     warn_uncommitted_checkpoints,
 )
+from lmforge.output_files import check_output_file, expand_inputs, unused_path
 from lmforge.run_logger import RunLogger
 from lmforge.strategies import DeepSpeedCPUStrategy, check_cpu_precision, prepare_for_strategy, resolve_strategy
 
@@ -131,8 +132,9 @@ class LmforgeCLI(LightningCLI):
             parser.add_argument(
                 "--output", type=Optional[str], default=None,
                 help="Where to write the predictions, one JSON object per line (default: "
-                "<trainer.default_root_dir>/predictions.jsonl).",
+                "<trainer.default_root_dir>/predictions.jsonl, or predictions.<time>.jsonl beside an existing one).",
             )
+            parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing --output file.")
         return parser
 
     def _section(self):
@@ -200,8 +202,15 @@ class LmforgeCLI(LightningCLI):
                 )
             )
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
-            output = self._section().get("output")
-            callbacks.append(PredictionWriter(output or str(root / "predictions.jsonl")))
+            section = self._section()
+            data = self.datamodule  # text data name their predict files as an option, task data in `files`
+            inputs = expand_inputs(getattr(data, "predict_files", None) or (getattr(data, "files", None) or {}).get("predict"))
+            inputs += expand_inputs(section.get("ckpt_path"))
+            if section.get("output"):
+                output = check_output_file(section.get("output"), "--output", bool(section.get("overwrite")), inputs)
+            else:
+                output = unused_path(root / "predictions.jsonl")
+            callbacks.append(PredictionWriter(str(output)))
         kwargs["callbacks"] = callbacks
         warn_uncommitted_checkpoints(callbacks)
         plugins = cfg.get("plugins") or []
@@ -225,7 +234,7 @@ class LmforgeCLI(LightningCLI):
         # --ckpt_path: a verified committed checkpoint ("last" = the newest), loaded with weights_only=True,
         # and for fit its tensors compared with the model's, before anything is written.
         fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        return prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model)
+        return prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model, self.datamodule)
 
 
 def fill_vocab_size(cfg) -> None:
@@ -368,4 +377,10 @@ def check_run_directory(root: Path, ckpt_path: str | None) -> None:
             f"The run directory {root} already holds checkpoints of another run ({existing[0].name}, ...). "
             f"Resume it with `--ckpt_path last`, or start a new run with a different "
             f"`--trainer.default_root_dir`; nothing was changed."
+        )
+    if (root / "metrics.csv").is_file():  # a run without checkpoints: its rows would mix with the new run's
+        raise LmforgeError(
+            f"The run directory {root} already holds another run's metrics.csv (without checkpoints, so it cannot "
+            "be resumed). Start the new run in a different `--trainer.default_root_dir`, or move that run away; "
+            "nothing was changed."
         )

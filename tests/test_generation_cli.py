@@ -140,3 +140,26 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_generate_output_never_replaces_inputs_weights_or_existing_files(model_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\na dog\n")
+    common = ["generate", "--checkpoint", str(model_folder), "--max_new_tokens", "4", "--greedy",
+              "--prompts_file", str(prompts)]
+    weights = next(model_folder.glob("*.safetensors"))
+    before = {p: p.read_bytes() for p in (prompts, weights)}
+    for target, extra, message in ((prompts, ["--overwrite"], "is also an input"),
+                                   (weights, ["--overwrite"], "is also an input"),
+                                   (tmp_path / "old.jsonl", [], "already exists")):
+        if target.name == "old.jsonl":
+            target.write_text("kept\n")
+        assert main([*common, "--output", str(target), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before and (tmp_path / "old.jsonl").read_text() == "kept\n"
+
+    # A batch that fails half-way leaves the old file as it was and no partial file.
+    prompts.write_text("the cat\n" + "the cat sat " * 40 + "\n")  # the second prompt is longer than block_size 64
+    assert main([*common, "--batch_size", "1", "--output", str(tmp_path / "old.jsonl"), "--overwrite"]) == 2
+    assert (tmp_path / "old.jsonl").read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "prompts.txt"]

@@ -73,7 +73,9 @@ def _resolve_last(root: Path, subcommand: str) -> str | None:
     return None
 
 
-def prepare_trainer_call(subcommand: str, fn_kwargs: dict[str, Any], trainer: Any, model: Any) -> dict[str, Any]:
+def prepare_trainer_call(
+    subcommand: str, fn_kwargs: dict[str, Any], trainer: Any, model: Any, datamodule: Any = None
+) -> dict[str, Any]:
     """Resolve and check ``ckpt_path`` and set ``weights_only`` for a Trainer call (see the module docs)."""
     method = getattr(trainer, subcommand, None)
     accepts = method is not None and "weights_only" in inspect.signature(method).parameters  # Lightning >= 2.5
@@ -88,21 +90,61 @@ def prepare_trainer_call(subcommand: str, fn_kwargs: dict[str, Any], trainer: An
         resolved = str(resolve_checkpoint(ckpt_path))
     fn_kwargs["ckpt_path"] = resolved
     if resolved is not None and model is not None:
-        check_checkpoint_fits(Path(resolved), model)
+        check_checkpoint_fits(Path(resolved), model, datamodule)
     return fn_kwargs
 
 
-def check_checkpoint_fits(file: Path, model: Any) -> None:
-    """Load ``file`` (``weights_only``, memory-mapped) and compare its tensors with ``model``'s."""
+def check_checkpoint_fits(file: Path, model: Any, datamodule: Any = None) -> None:
+    """Refuse a checkpoint of another model, tokenizer or task head (from its plain-data metadata),
+    then compare its tensors with ``model``'s (``weights_only``, memory-mapped)."""
     from lmforge.families.base import check_same_shapes
 
     if Path(file).is_dir():  # a DeepSpeed ZeRO checkpoint: shards, with the parameter shapes recorded
-        from lmforge.zero_checkpoint import check_zero_checkpoint_fits
+        from lmforge.zero_checkpoint import check_zero_checkpoint_fits, read_client_state
 
+        _check_same_run_kind(file, read_client_state(file).get("lmforge") or {}, model, datamodule)
         return check_zero_checkpoint_fits(file, model)
     checkpoint = safe_load(file, mmap=True)
+    if isinstance(checkpoint, dict):
+        _check_same_run_kind(file, checkpoint.get("lmforge") or {}, model, datamodule)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         check_same_shapes(model.state_dict(), checkpoint["state_dict"])
+
+
+def _check_same_run_kind(file: Path, meta: dict[str, Any], model: Any, datamodule: Any) -> None:
+    """The checkpoint's family and architecture, tokenizer and task head options against this run's."""
+    if not meta or not hasattr(model, "lmforge_metadata"):
+        return
+    mine = model.lmforge_metadata()
+    saved_arch, my_arch = meta.get("architecture") or {}, mine.get("architecture") or {}
+    if (meta.get("family"), saved_arch.get("name")) != (mine.get("family"), my_arch.get("name")):
+        raise LmforgeError(
+            f"The checkpoint {file} holds a {meta.get('family')} model with the '{saved_arch.get('name')}' "
+            f"architecture, but the config builds a {mine.get('family')} model with '{my_arch.get('name')}'. Give "
+            "the config of the run that wrote the checkpoint (its config.yaml), or a checkpoint of this model."
+        )
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    saved_tokenizer = meta.get("tokenizer_json")
+    if saved_tokenizer and hasattr(tokenizer, "to_str") and tokenizer.to_str() != saved_tokenizer:
+        where = getattr(datamodule, "tokenizer_path", "data.tokenizer")
+        raise LmforgeError(
+            f"The checkpoint {file} was trained with another tokenizer than data.tokenizer ({where}), so its token "
+            "ids would stand for other text. Point data.tokenizer at the tokenizer the run was trained with (its "
+            "config.yaml names it; `lmforge convert lmforge-to-hf` also writes it out as tokenizer.json)."
+        )
+    task = getattr(model, "task", None)
+    saved_task = meta.get("task") or {}
+    if task is None or not saved_task or saved_task.get("name") != task.name:
+        return
+    saved_options, my_options = saved_task.get("init_args") or {}, (mine.get("task") or {}).get("init_args") or {}
+    for option in type(task).weight_options:
+        if option in saved_options and my_options.get(option) not in (None, saved_options[option]):
+            raise LmforgeError(
+                f"The checkpoint {file} trained the '{task.name}' head with {option}={saved_options[option]!r}, but "
+                f"the config sets {option}={my_options[option]!r}; the head's weights mean nothing under another "
+                f"value. Leave model.task.init_args.{option} out (it is read from the checkpoint) or set it to "
+                f"{saved_options[option]!r}."
+            )
 
 
 def warn_uncommitted_checkpoints(callbacks: list[Any]) -> None:

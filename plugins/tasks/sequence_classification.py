@@ -68,6 +68,7 @@ class SequenceClassification(Task):
     """
 
     name = "sequence_classification"
+    weight_options = ("labels", "multi_label")  # a sigmoid head is not a softmax head
     families = ("encoder", "decoder", "seq2seq")
     fields = ("text", "label")
     optional_fields = ("text_pair",)

@@ -148,3 +148,14 @@ def test_an_unknown_stop_token_lists_the_special_tokens(trained, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--stop_token '<eos>' is not a token" in err and "Its special tokens: <|endoftext|>" in err
+
+
+def test_a_run_without_checkpoints_is_not_mixed_with_a_new_one(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(_paths(trained), run, max_steps=2, enable_checkpointing=False))
+    assert main(["fit", "--config", str(config)]) == 0
+    before = snapshot(run)
+    assert main(["fit", "--config", str(config), "--model.lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds another run's metrics.csv" in err and "--trainer.default_root_dir" in err
+    assert snapshot(run) == before

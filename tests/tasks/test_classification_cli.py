@@ -70,6 +70,33 @@ def test_predict_writes_one_line_per_record_with_label_names(classifier, tmp_pat
     assert all(r["label"] in ("calm", "happy", "sad") and 0.0 < r["score"] <= 1.0 for r in rows)
 
 
+def test_predict_never_writes_over_what_exists(classifier, tmp_path, capsys):
+    """An existing --output needs --overwrite; inputs and checkpoints are refused even then; the
+    default output keeps the previous predictions beside the new ones."""
+    records = tmp_path / "new.jsonl"
+    records.write_text(json.dumps({"text": "Mia laughed and smiled all day."}) + "\n")
+    base = ["predict", "--config", str(classifier["config"]), "--ckpt_path", "last", "--data.predict_files", str(records)]
+    out = tmp_path / "mine.jsonl"
+    out.write_text("my notes\n")
+    assert main([*base, "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "my notes\n"
+    assert main([*base, "--output", str(out), "--overwrite", "true"]) == 0
+    assert json.loads(out.read_text())["text"] == "Mia laughed and smiled all day."
+
+    last = classifier["run"] / "checkpoints" / "last.ckpt"
+    before = {p: p.read_bytes() for p in (records, last.resolve())}
+    for target, message in ((records, "is also an input"), (last, "checkpoint or run file")):
+        assert main([*base, "--output", str(target), "--overwrite", "true"]) == 2
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before and last.is_symlink()
+
+    run = classifier["run"]
+    for _ in range(2):
+        assert main(base) == 0
+    written = sorted(p.name for p in run.glob("predictions*.jsonl"))
+    assert "predictions.jsonl" in written and len(written) == 2  # the second run kept the first's file
+
+
 def test_two_process_validation_equals_one_process(classifier, tmp_path):
     # 99 records in batches of 7: the two processes get 50 and 49 rows and 8 and 7 batches, so a
     # sampler that pads (repeats a row) or a metric averaged per process would show
@@ -147,3 +174,24 @@ def test_a_family_the_task_does_not_support_is_refused_before_training(tmp_path,
     err = capsys.readouterr().err
     assert "The task 'token_classification' does not support the seq2seq family; it supports encoder, decoder" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_is_refused_with_other_labels_a_multi_label_head_or_another_tokenizer(classifier, tmp_path, capsys):
+    from lmforge.data.tokenizer import train_tokenizer
+
+    records = tmp_path / "new.jsonl"
+    records.write_text(json.dumps({"text": "Mia laughed and smiled all day."}) + "\n")
+    base = ["predict", "--config", str(classifier["config"]), "--ckpt_path", "last", "--data.predict_files", str(records),
+            "--output", str(tmp_path / "p.jsonl")]
+    other_tokenizer = tmp_path / "other.json"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(json.loads(line)["text"] for line in (TASKS / "sequence_classification" / "train.jsonl")
+                               .read_text().splitlines()) + "\n")
+    train_tokenizer([str(texts)], str(other_tokenizer), vocab_size=400)
+    for extra, message in ((["--model.task.init_args.labels", "[happy,calm,sad]"], "labels=['calm', 'happy', 'sad']"),
+                           (["--model.task.init_args.multi_label", "true"], "multi_label=False"),
+                           (["--data.tokenizer", str(other_tokenizer)], "another tokenizer than data.tokenizer")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.jsonl").exists()
