@@ -468,6 +468,12 @@ def convert_command(argv: list[str]) -> int:
 
     from lmforge import convert
 
+    source, output = Path(args.source).resolve(), Path(args.output).resolve()
+    if output == source or output in source.parents:
+        raise LmforgeError(
+            f"`lmforge convert {args.action}` would write into its own source ({args.source}), replacing the weights it "
+            "reads. Give OUT a new folder."
+        )
     if args.action == "zero-to-safetensors":
         from lmforge.zero_checkpoint import consolidate
 

@@ -22,6 +22,8 @@ global RNG after ``torch.manual_seed(seed)``, which is what the parity tests che
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -78,8 +80,12 @@ class GenerationConfig:
         """Raise :class:`LmforgeError` naming the first option that cannot work, and the fix."""
         if self.max_new_tokens < 1:
             raise LmforgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # `not >=` also catches nan
+            raise LmforgeError(f"temperature must be 0 (greedy) or a positive number, got {self.temperature}.")
+        if not math.isfinite(self.length_penalty):
+            raise LmforgeError(f"length_penalty must be a finite number (1.0 = none), got {self.length_penalty}.")
+        if any(stop == "" for stop in self.stop_strings):
+            raise LmforgeError("A stop string is empty, which would stop at once; give --stop some text.")
         if self.top_k is not None and self.top_k < 0:
             raise LmforgeError(f"top_k must be a positive number of tokens (0 or unset: no limit), got {self.top_k}.")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -107,6 +107,8 @@ def test_bad_requests_are_refused(model_folder, tmp_path, capsys, monkeypatch):
         (["--prompt", "a", "--stop_token", "no-such-token"], "not a token of this model's vocabulary"),
         (["--prompt", "a", "--greedy", "--num_return_sequences", "2"], "Greedy decoding gives one sequence"),
         (["--prompt", "a", "--num_beams", "2", "--min_p", "0.1"], "--num_beams > 1"),
+        (["--prompt", "a", "--temperature", "nan"], "temperature must be 0 (greedy) or a positive number, got nan"),
+        (["--prompt", "a", "--stop", ""], "A stop string is empty"),
     ):
         assert main([*base, *args]) == 2
         assert message in capsys.readouterr().err

@@ -40,7 +40,7 @@ WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _HOW_TO_MAKE = (
     "Point to an existing tokenizer.json (a Hugging Face `tokenizers` file, or the directory that holds "
-    "one), or train one on your text with `lmforge tokenizer train --files data/train.txt "
+    "one), or train one on your text with `lmforge tokenizer train data/train.txt "
     "--output tokenizers/my_tokenizer.json --vocab_size 8000`."
 )
 
@@ -212,7 +212,7 @@ def _output_path(output: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise LmforgeError(
             f"Tokenizer output '{out}' already exists and would be overwritten. Choose another --output, "
-            "delete the file, or pass --overwrite true."
+            "delete the file, or pass --overwrite."
         )
     return out
 
@@ -235,7 +235,7 @@ def build_untrained_tokenizer(kind: Literal["bpe", "wordpiece"] = "bpe") -> Toke
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         return tok
-    raise LmforgeError(f"Unknown tokenizer kind '{kind}'. Use --kind bpe (byte-level BPE) or --kind wordpiece.")
+    raise LmforgeError(f"Unknown tokenizer kind '{kind}'. Use --type bpe (byte-level BPE) or --type wordpiece.")
 
 
 def train_tokenizer(
@@ -267,9 +267,14 @@ def train_tokenizer(
     if isinstance(files, (str, os.PathLike)):
         files = [str(files)]
     if not files:
-        raise LmforgeError("No training files given for the tokenizer. Pass --files with at least one text file.")
+        raise LmforgeError(
+            "No training files given for the tokenizer. Name at least one text file: "
+            "`lmforge tokenizer train FILES... --output tokenizer.json`."
+        )
     if kind not in ("bpe", "wordpiece"):
-        raise LmforgeError(f"Unknown tokenizer kind '{kind}'. Use --kind bpe (byte-level BPE) or --kind wordpiece.")
+        raise LmforgeError(f"Unknown tokenizer kind '{kind}'. Use --type bpe (byte-level BPE) or --type wordpiece.")
+    if min_frequency < 1:
+        raise LmforgeError(f"--min_frequency must be at least 1 (a merge seen that often is learnt), not {min_frequency}.")
     specials = BPE_SPECIAL_TOKENS if kind == "bpe" else WORDPIECE_SPECIAL_TOKENS
     minimum = len(specials) + (256 if kind == "bpe" else 1)
     if vocab_size < minimum:
@@ -301,7 +306,7 @@ def train_tokenizer(
 
     with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as work_dir:
         # Read (and check) every file first, so a data mistake is reported before training starts.
-        documents = read_documents(files, text_column=text_column, work_dir=work_dir, option="--files")
+        documents = read_documents(files, text_column=text_column, work_dir=work_dir, option="FILES")
         tok.train_from_iterator(_iter_texts(documents), trainer=trainer, length=len(documents))
         del documents
     if kind == "wordpiece":

@@ -93,6 +93,8 @@ class LMModule(L.LightningModule):
             )
         if freeze_layers < 0:
             raise LmforgeError(f"model.freeze_layers must be 0 or more, not {freeze_layers}.")
+        if not (lr > 0 and math.isfinite(lr)):  # also refuses nan, before anything is written
+            raise LmforgeError(f"model.lr must be a positive, finite learning rate, not {lr}. Try 3e-4.")
         check_supports(self.family, architecture, objective, task)
         if objective is not None:
             objective.check_architecture(architecture)

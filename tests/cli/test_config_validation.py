@@ -36,6 +36,7 @@ def run_cli(args, capsys):
         (["--model.architecture", "gtp"], r"Unknown architecture 'gtp'. Did you mean 'gpt'\?"),
         (["--model.objective", "mlmm"], r"Unknown objective 'mlmm'"),
         (["--model", "decodr"], r"Unknown model family 'decodr'. Did you mean 'decoder'"),
+        (["--model.lr", "-1"], r"model.lr must be a positive, finite learning rate, not -1.0"),
     ],
 )
 def test_bad_overrides_are_named_and_nothing_is_written(config, tmp_path, capsys, override, expected):

@@ -99,3 +99,11 @@ def test_broken_hf_folders_are_refused_by_name(hf_gpt2, tmp_path, capsys, config
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_to_write_into_its_source(hf_gpt2, tmp_path, capsys):
+    _, folder = hf_gpt2
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert main(["convert", "hf-to-lmforge", str(folder), str(folder), "--overwrite"]) == 2
+    assert "would write into its own source" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
