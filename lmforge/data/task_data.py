@@ -141,6 +141,14 @@ def read_records(
                 f"{', '.join(raw.column_names) or 'none'}).{closest(mapping[field], raw.column_names)} Map the field to "
                 f"the right column with data.columns (e.g. --data.columns '{{\"{field}\": \"COLUMN\"}}') or rename it."
             )
+        for field in required:
+            column = raw.data.column(mapping[field])
+            if column.null_count:
+                first = column.is_null().to_pylist().index(True)
+                raise LmforgeError(
+                    f"{option}: record {first + 1} of '{source.path}' has no '{mapping[field]}' (missing or null), "
+                    f"which the task field '{field}' needs in every record. Fill it in or remove the record."
+                )
         present = required + [f for f in optional if mapping[f] in raw.column_names]
         part = raw.select_columns([mapping[f] for f in present])
         part = part.rename_columns({mapping[f]: f for f in present if mapping[f] != f})

@@ -49,6 +49,17 @@ def test_a_missing_column_names_the_file_and_the_mapping(tmp_path):
         read_records(str(txt), SequenceClassification, None, "train_files", tmp_path / "work")
 
 
+def test_a_record_without_a_required_field_is_named(tmp_path):
+    from lmforge_plugins.tasks.text_to_text import TextToText
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"source": "a b", "target": "b a"}, {"source": "Jack saw the pig."}])
+    with pytest.raises(LmforgeError, match=r"train_files: record 2 of '.*train.jsonl' has no 'target' \(missing or null\)"):
+        read_records(str(path), TextToText, None, "train_files", tmp_path / "work")
+    path = write_jsonl(tmp_path / "val.jsonl", [{"source": None, "target": "x"}, {"source": "a", "target": "b"}])
+    with pytest.raises(LmforgeError, match=r"val_files: record 1 of '.*val.jsonl' has no 'source'"):
+        read_records(str(path), TextToText, None, "val_files", tmp_path / "work")
+
+
 def test_predict_files_need_no_labels_but_training_files_do(tmp_path):
     path = write_jsonl(tmp_path / "new.jsonl", [{"words": "Mia ran"}])
     records = read_records(str(path), TokenClassification, None, "predict_files", tmp_path / "w", with_labels=False)
