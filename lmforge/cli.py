@@ -126,9 +126,14 @@ def run_trainer_cli(argv: list[str], run: bool = True):
     """Run a LightningCLI subcommand and return the CLI object; ``run=False`` only builds it."""
     from lmforge.training_cli import LmforgeCLI
 
+    from lmforge.reliability.failfast import release_run_directory
+
     if not run and argv and argv[0] in TRAINER_COMMANDS:
         argv = argv[1:]
-    return LmforgeCLI(args=argv, run=run)
+    try:
+        return LmforgeCLI(args=argv, run=run)
+    finally:
+        release_run_directory()
 
 
 # -- tools -----------------------------------------------------------------------------------------

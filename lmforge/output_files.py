@@ -18,8 +18,8 @@ from lmforge.errors import LmforgeError
 
 #: Existing files an output must never replace: weights, checkpoints and what a run directory holds.
 _PROTECTED_SUFFIXES = (".ckpt", ".pt", ".safetensors", ".bin")
-_RUN_FILES = ("config.yaml", "hparams.yaml", "plugins.json", "labels.json", "metrics.csv", "MANIFEST.json",
-              "tokenizer.json", "lmforge.json")
+_RUN_FILES = (".lmforge.lock", "config.yaml", "hparams.yaml", "plugins.json", "labels.json", "metrics.csv",
+              "MANIFEST.json", "tokenizer.json", "lmforge.json")
 
 
 def expand_inputs(entries: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:

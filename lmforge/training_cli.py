@@ -44,6 +44,7 @@ from lmforge.reliability.checkpoint_io import (
 )
 from lmforge.reliability.failfast import (
     check_output_writable,
+    lock_run_directory,
     prepare_trainer_call,
     warn_uncommitted_checkpoints,
 )
@@ -89,6 +90,10 @@ class RunDirectory(SaveConfigCallback):
             return
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
+        if stage == "fit":
+            # The first write of a fit (this callback runs before the checkpoint callbacks, which
+            # clean up interrupted saves): from here on no other fit may write into root.
+            lock_run_directory(root)
         config_text = self.parser.dump(self.config, skip_none=False)
         _write_once(root, "config", ".yaml", config_text)
         plugins = pl_module.lmforge_metadata()["plugins"] if isinstance(pl_module, LMModule) else []

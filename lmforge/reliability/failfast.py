@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,52 @@ def warn_uncommitted_checkpoints(callbacks: list[Any]) -> None:
             "committed checkpoints (no manifest), so lmforge will not resume from them. Use class_path: "
             "lmforge.reliability.CommittedCheckpoint, which takes the same options."
         )
+
+
+
+#: The open lock file of the run this process is fitting (released when the command ends).
+_run_lock: Any = None
+
+
+def lock_run_directory(root: Path) -> None:
+    """Hold an exclusive lock on ``root/.lmforge.lock`` while this process fits into ``root``.
+
+    Two fits started at once into one run directory would interleave their checkpoints and
+    metrics; the second is refused instead. The lock is a POSIX record lock (``lockf``): the kernel
+    drops it when the process dies, so a crashed or killed run never leaves a stale lock, and
+    unlike ``flock`` it is not inherited by forked data-loader workers, which may outlive a killed
+    run by seconds. Called by global rank 0 only (the other ranks of the same run write into the
+    same directory); a file system without locks runs unlocked.
+    """
+    global _run_lock
+    if _run_lock is not None:
+        return
+    import fcntl
+
+    handle = open(root / ".lmforge.lock", "a+")  # noqa: SIM115 - held for the whole command
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LmforgeError(
+            f"Another `lmforge fit` ({holder}) is writing to the run directory {root} right now. Wait for it to "
+            "end, or start this run with a different --trainer.default_root_dir; nothing was changed."
+        ) from None
+    except OSError:  # no locks on this file system: run unlocked
+        handle.close()
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _run_lock = handle
+
+
+def release_run_directory() -> None:
+    """Release the lock :func:`lock_run_directory` took (a no-op when none is held)."""
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()  # closing the file releases the lock
+        _run_lock = None

@@ -159,3 +159,32 @@ def test_a_run_without_checkpoints_is_not_mixed_with_a_new_one(trained, tmp_path
     err = capsys.readouterr().err
     assert "already holds another run's metrics.csv" in err and "--trainer.default_root_dir" in err
     assert snapshot(run) == before
+
+
+def test_a_second_fit_into_a_run_directory_in_use_is_refused(trained, tmp_path, capsys):
+    """While another process holds the run directory's lock (a running fit), fit is refused and writes
+    nothing; once that process is gone the same command trains and resumes."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(_paths(trained), run, max_steps=2))
+    holder = subprocess.Popen(  # what a running fit holds: a POSIX lock on run/.lmforge.lock
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); f.write('pid 1 on elsewhere');"
+         " f.flush(); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(run / ".lmforge.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["fit", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "Another `lmforge fit` (pid 1 on elsewhere) is writing to the run directory" in err, err
+        assert "--trainer.default_root_dir" in err
+        assert sorted(p.name for p in run.iterdir()) == [".lmforge.lock"]
+    finally:
+        holder.communicate("", timeout=30)  # the holder exits: the kernel drops its lock
+    assert main(["fit", "--config", str(config)]) == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"]) == 0
