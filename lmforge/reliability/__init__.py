@@ -10,10 +10,11 @@ from lmforge.reliability.checkpoint_io import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from lmforge.reliability.preemption import PREEMPTED_EXIT_CODE
+from lmforge.reliability.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from lmforge.reliability.resume import StepLog, batch_seed, read_step_log
 
 __all__ = [
+    "INTERRUPTED_EXIT_CODE",
     "PREEMPTED_EXIT_CODE",
     "CommittedCheckpoint",
     "CommittedCheckpointIO",

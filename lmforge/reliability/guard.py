@@ -19,10 +19,11 @@ Numerical faults (module options ``nonfinite`` and ``max_consecutive_skips``)
     business (it skips the step itself), so only the loss is checked.
 
 Preemption (:mod:`lmforge.reliability.preemption`)
-    SIGTERM (and SIGUSR1 under SLURM) only set a flag. At the next optimizer step the ranks learn
-    through the same all-reduce that one of them was signalled; all of them finish that step,
-    commit a checkpoint (``last`` points to it), and exit: rank 0 with status
-    :data:`~lmforge.reliability.preemption.PREEMPTED_EXIT_CODE` (75), the others with 0. Under
+    SIGTERM (SIGUSR1 under SLURM, and the first Ctrl-C) only set a flag. At the next optimizer step
+    the ranks learn through the same all-reduce that one of them was signalled; all of them finish
+    that step, commit a checkpoint (``last`` points to it), and exit: rank 0 with status
+    :data:`~lmforge.reliability.preemption.PREEMPTED_EXIT_CODE` (75; 130 after Ctrl-C), the
+    others with 0. Under
     SLURM, when the signal was SIGUSR1, rank 0 requeues the job once (``scontrol requeue``).
 
 RNG states
@@ -154,7 +155,7 @@ class TrainingGuard(Callback):
         world = max(1, trainer.world_size)
         rank = trainer.global_rank
         device = pl_module.device
-        flags = torch.zeros(3 * world + 1, device=device)
+        flags = torch.zeros(3 * world + 2, device=device)
         if self._loss_bad is not None:
             flags[rank] = self._loss_bad.to(device=device, dtype=flags.dtype)
         self._loss_bad = None
@@ -174,6 +175,8 @@ class TrainingGuard(Callback):
             flags[2 * world + rank] = 1.0
         if self._signalled_requeue:
             flags[3 * world] = 1.0
+        if self._stop_signal == signal.SIGINT:
+            flags[3 * world + 1] = 1.0
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags)  # the one collective of the step
         values = flags.tolist()
@@ -188,7 +191,8 @@ class TrainingGuard(Callback):
         if self.nonfinite == "skip":
             pl_module.log("train/skipped_steps", float(self.skipped_total))  # steps skipped so far
         if stop_ranks:
-            self._stop_now = {"step": step, "ranks": stop_ranks, "requeue": values[3 * world] > 0}
+            self._stop_now = {"step": step, "ranks": stop_ranks, "requeue": values[3 * world] > 0,
+                              "interrupted": values[3 * world + 1] > 0}
 
     def _on_nonfinite(self, trainer, pl_module, step: int, loss_ranks: list[int], grad_ranks: list[int]) -> None:
         what = []
@@ -235,17 +239,18 @@ class TrainingGuard(Callback):
         directory = self._save_for_stop(trainer)
         if trainer.is_global_zero:
             ranks = ", ".join(map(str, request["ranks"]))
+            cause = "Ctrl-C" if request["interrupted"] else "a stop signal"
             print(
-                f"lmforge: stopped after step {request['step']} on request (a stop signal reached rank {ranks}); "
+                f"lmforge: stopped after step {request['step']} on request ({cause} reached rank {ranks}); "
                 f"checkpoint committed in {directory}. Resume with the same command and `--ckpt_path last`. "
-                f"Exit status {Preempted.code_for_rank(0)}.",
+                f"Exit status {Preempted.code_for_rank(0, request['interrupted'])}.",
                 file=sys.stderr,
                 flush=True,
             )
             if request["requeue"]:
                 requeue_slurm_job()
         trainer.strategy.barrier("lmforge-preempted")
-        raise Preempted(trainer.global_rank)
+        raise Preempted(trainer.global_rank, request["interrupted"])
 
     def _save_for_stop(self, trainer) -> Path:
         for callback in trainer.checkpoint_callbacks:

@@ -18,8 +18,17 @@ in the same step, after which they commit a checkpoint and exit:
 Run the same command with ``--ckpt_path last`` (it also works for the first attempt: with no
 checkpoint yet, training starts from scratch), and the resumed run continues exactly.
 
-Data-loader worker processes ignore SIGTERM and SIGUSR1 (SLURM signals every process of a job
-step): the training process stops them when it exits.
+Ctrl-C (SIGINT) stops the same way, so an interactive run keeps every step it trained: the first
+Ctrl-C prints that the run will stop after the current step, and rank 0 exits with
+:data:`INTERRUPTED_EXIT_CODE` = 130 (the shell's status for a process ended by SIGINT) after the
+checkpoint is committed. A second Ctrl-C, a second or more after the first, stops at once without a
+checkpoint (Lightning's KeyboardInterrupt shutdown, as before). A second SIGINT within a second of
+the first is taken for the same Ctrl-C: launchers such as torchrun pass a terminal's SIGINT on to
+their workers, which the terminal has already signalled.
+
+Data-loader worker processes ignore SIGTERM, SIGUSR1 (SLURM signals every process of a job step) and
+SIGINT (a terminal's Ctrl-C reaches every process in its foreground group): the training process
+stops them when it exits.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from typing import Any
 
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
@@ -37,6 +47,10 @@ log = logging.getLogger("lmforge.reliability")
 
 #: Exit status of rank 0 after a clean stop for preemption (sysexits.h EX_TEMPFAIL).
 PREEMPTED_EXIT_CODE = 75
+#: Exit status of rank 0 after a clean stop on Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT_CODE = 130
+#: A second SIGINT sooner than this after the first is the same Ctrl-C, passed on by a launcher.
+REPEATED_INTERRUPT_SECONDS = 1.0
 #: Test hook: a comma-separated list of 1-based optimizer steps at which to act as if SIGTERM arrived.
 PREEMPT_AT_STEP_ENV = "LMFORGE_PREEMPT_AT_STEP"
 
@@ -72,14 +86,16 @@ def requeue_slurm_job() -> bool:
 
 
 class Preempted(SystemExit):
-    """Raised on every rank after the preemption checkpoint is committed: ends the process."""
+    """Raised on every rank after the stop checkpoint is committed: ends the process."""
 
-    def __init__(self, rank: int) -> None:
-        super().__init__(self.code_for_rank(rank))
+    def __init__(self, rank: int, interrupted: bool = False) -> None:
+        super().__init__(self.code_for_rank(rank, interrupted))
 
     @staticmethod
-    def code_for_rank(rank: int) -> int:
-        return PREEMPTED_EXIT_CODE if rank == 0 else 0
+    def code_for_rank(rank: int, interrupted: bool = False) -> int:
+        if rank != 0:
+            return 0
+        return INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
 
 
 class LmforgeSignalConnector(_SignalConnector):
@@ -95,8 +111,22 @@ class LmforgeSignalConnector(_SignalConnector):
         if threading.current_thread() is not threading.main_thread():
             return
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle_interrupt)
+        self._first_interrupt: float | None = None
         if under_slurm() and hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.guard.request_stop(signum)
+
+    def _handle_interrupt(self, signum: int, frame: Any) -> None:
+        """Ctrl-C: the first stops after this step with a checkpoint; a later one stops at once."""
+        now = time.monotonic()
+        if self._first_interrupt is None:
+            self._first_interrupt = now
+            self.guard.request_stop(signum)
+            if self.trainer.global_rank == 0:  # os.write: print() may not be re-entered from a handler
+                os.write(2, b"\nlmforge: Ctrl-C: stopping after this step with a checkpoint "
+                            b"(press Ctrl-C again to stop at once, without one).\n")
+        elif now - self._first_interrupt >= REPEATED_INTERRUPT_SECONDS:
+            raise KeyboardInterrupt

@@ -245,8 +245,8 @@ class SeededCollate:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader workers leave SIGTERM/SIGUSR1 to the training process, which stops cleanly."""
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+    """Data-loader workers leave SIGTERM/SIGUSR1/SIGINT to the training process, which stops cleanly."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
     if os.environ.get("PL_SEED_WORKERS") == "1":  # keep Lightning's worker seeding when it was asked for

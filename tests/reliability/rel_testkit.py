@@ -24,6 +24,7 @@ class NoisyCLM(CLM):
         nan_at_steps: 1-based optimizer steps whose training loss becomes NaN.
         nan_ranks: Ranks on which those losses become NaN (all ranks when empty).
         step_seconds: Sleep this long in every training step (to let a test send a signal mid-run).
+        stall_at_step: Sleep 120 s in this training step (1-based; 0: never), a step a signal must cut short.
     """
 
     name = "noisy_clm"
@@ -35,8 +36,10 @@ class NoisyCLM(CLM):
         nan_at_steps: list[int] | None = None,
         nan_ranks: list[int] | None = None,
         step_seconds: float = 0.0,
+        stall_at_step: int = 0,
     ) -> None:
         super().__init__()
+        self.stall_at_step = stall_at_step
         self.noise = noise
         self.nan_at_steps = list(nan_at_steps or [])
         self.nan_ranks = list(nan_ranks or [])
@@ -58,6 +61,8 @@ class NoisyCLM(CLM):
                 out["loss"] = out["loss"] * float("nan")
             if self.step_seconds:
                 time.sleep(self.step_seconds)
+            if step == self.stall_at_step:
+                time.sleep(120)
         return out
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from rel_helpers import (
 )
 
 from lmforge.families import FAMILY_MODULES
-from lmforge.reliability import PREEMPTED_EXIT_CODE, read_step_log
+from lmforge.reliability import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, read_step_log
 from lmforge.reliability.checkpoint_io import (
     FAULT_POINTS,
     committed_checkpoints,
@@ -155,6 +156,63 @@ def test_sigusr1_under_slurm_stops_saves_requeues_once_and_resumes_exactly(data,
     write(tmp_path / "cfg.yaml", cfg_dict)  # the same training, without the sleep
     assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
     assert_same_training(expected, tmp_path / "run")
+
+
+def _ctrl_c(pid: int) -> None:
+    """What a terminal's Ctrl-C does: SIGINT to the process and to its children (data-loader workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for target in [pid, *map(int, children)]:
+        os.kill(target, signal.SIGINT)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(data, uninterrupted, tmp_path):
+    """A real Ctrl-C (SIGINT to the run and its data-loader worker), passed on again 0.1 s later as torchrun
+    does: the step finishes, a checkpoint is committed, exit 130, and the resumed run equals the
+    uninterrupted one. (Before, the steps since the last checkpoint were lost.)"""
+    expected = uninterrupted("decoder")
+    cfg_dict = config(data, data["tokenizer"], tmp_path / "run")
+    cfg_dict["model"]["init_args"]["objective"]["init_args"] = {"step_seconds": 0.3}  # time to send the signal
+    cfg = write(tmp_path / "cfg.yaml", cfg_dict)
+
+    process = start(["fit", "--config", str(cfg)], {}, tmp_path / "run.log")
+    wait_for_steps(tmp_path / "run", 2, [process])
+    _ctrl_c(process.pid)
+    time.sleep(0.1)
+    os.kill(process.pid, signal.SIGINT)  # the launcher's copy of the same Ctrl-C: not a second one
+    assert wait([process], timeout=120) == [INTERRUPTED_EXIT_CODE], (tmp_path / "run.log").read_text()[-3000:]
+
+    log = (tmp_path / "run.log").read_text()
+    stopped = len(read_step_log(tmp_path / "run" / "steps" / "rank-0.jsonl"))
+    assert 2 <= stopped < 16
+    assert "Ctrl-C: stopping after this step with a checkpoint" in log
+    assert f"stopped after step {stopped} on request (Ctrl-C reached rank 0)" in log
+    assert "Traceback" not in log
+    newest = committed_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert newest[2]["step"] == stopped  # nothing trained was lost
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").resolve().parent == newest[1]
+
+    cfg_dict["model"]["init_args"]["objective"]["init_args"] = {}
+    write(tmp_path / "cfg.yaml", cfg_dict)  # the same training, without the sleep
+    assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    assert_same_training(expected, tmp_path / "run")
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(data, tmp_path):
+    """Ctrl-C, then Ctrl-C again 1.2 s later, during a step that would take 120 s: the second one ends the
+    run in that step (Lightning's KeyboardInterrupt shutdown, exit 1) and commits nothing."""
+    cfg_dict = config(data, data["tokenizer"], tmp_path / "run")
+    cfg_dict["model"]["init_args"]["objective"]["init_args"] = {"stall_at_step": 2}
+    cfg = write(tmp_path / "cfg.yaml", cfg_dict)
+    process = start(["fit", "--config", str(cfg)], {}, tmp_path / "run.log")
+    wait_for_steps(tmp_path / "run", 1, [process])  # step 2, the stalled one, is under way
+    _ctrl_c(process.pid)
+    time.sleep(1.2)
+    _ctrl_c(process.pid)
+    assert wait([process], timeout=60) == [1], (tmp_path / "run.log").read_text()[-3000:]
+    log = (tmp_path / "run.log").read_text()
+    assert "Ctrl-C: stopping after this step" in log and "Detected KeyboardInterrupt" in log
+    assert "stopped after step" not in log
+    assert [m["step"] for _, _, m in committed_checkpoints(tmp_path / "run" / "checkpoints")] in ([], [1])
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
