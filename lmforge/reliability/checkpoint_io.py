@@ -478,6 +478,19 @@ class CommittedCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and stage == "fit" and self.dirpath:
             remove_leftovers(Path(self.dirpath))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Also commit ``last`` at the step that ends training (``max_steps``, or a callback's stop).
+
+        Saved here, the checkpoint holds the loop state of a step in mid-epoch; saved only at
+        ``on_train_end``, Lightning would record the epoch as completed, and a resume with a larger
+        ``max_steps`` would skip the rest of that epoch's batches.
+        """
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        max_steps_reached = 0 <= trainer.max_steps <= trainer.global_step
+        if (self.save_last and (max_steps_reached or trainer.should_stop)
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self.save_last_now(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
         """The state training ended with is always committed (Lightning's only when nothing was saved yet)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

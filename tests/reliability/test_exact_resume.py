@@ -109,6 +109,20 @@ def test_rows_follow_a_seeded_permutation_per_epoch(data, uninterrupted):
     assert epoch0 != epoch1  # shuffled anew each epoch
 
 
+def test_a_run_ended_by_max_steps_mid_epoch_goes_on_with_that_epoch(data, uninterrupted, tmp_path):
+    """Stopped by a smaller max_steps in mid-epoch, then resumed with the full one: steps 4-16 read the
+    same rows as the uninterrupted run (before, the resume started the next epoch, skipping the rest
+    of this one). Losses differ: the LR schedule follows max_steps."""
+    expected = steps(uninterrupted("decoder"))
+    cfg = write(tmp_path / "cfg.yaml", config(data, data["tokenizer"], tmp_path / "run"))
+    assert run_in_process(["fit", "--config", str(cfg), "--trainer.max_steps", "3"]) == 0
+    assert expected[3]["epoch"] == expected[4]["epoch"] == 0  # step 3 is in mid-epoch
+    assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    got = steps(tmp_path / "run")
+    assert sorted(got) == sorted(expected)
+    assert [got[s]["rows"] for s in sorted(got)] == [expected[s]["rows"] for s in sorted(expected)]
+
+
 def test_comparison_detects_a_resume_without_the_data_position(data, uninterrupted, tmp_path):
     """Negative control: with the data position not restored, the same comparison fails."""
     expected = uninterrupted("decoder")
