@@ -163,6 +163,12 @@ class Architecture(Plugin, nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not define logits()")
 
+    def max_positions(self) -> int | None:
+        """The longest input this architecture accepts (a learned position table's size), or None when
+        any length works. Optional: ``lmforge`` compares ``data.block_size``/``data.max_length`` with
+        it before a run writes anything, instead of failing at the first forward pass."""
+        return None
+
     def new_cache(self, batch_size: int, max_length: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not support cached generation")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -43,6 +45,7 @@ from lmforge.reliability.checkpoint_io import (
     CommittedCheckpointIO,
 )
 from lmforge.reliability.failfast import (
+    check_input_length,
     check_output_writable,
     lock_run_directory,
     prepare_trainer_call,
@@ -232,14 +235,31 @@ class LmforgeCLI(LightningCLI):
             # a task head leaves parts of the backbone unused (a pretraining head, a T5 decoder under
             # encoder-mean pooling), which plain DDP refuses at the second step
             cfg["strategy"] = f"{cfg['strategy']}_find_unused_parameters_true"
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as exc:
+            if not _raised_by_lightning(exc):
+                raise
+            raise LmforgeError(
+                f"The trainer options are not valid: {str(exc).strip()} Fix the trainer section of the config or its "
+                f"--trainer.* override (`lmforge {self.subcommand} --help` lists them); nothing was written."
+            ) from None
 
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # --ckpt_path: a verified committed checkpoint ("last" = the newest), loaded with weights_only=True,
         # and for fit its tensors compared with the model's, before anything is written.
         fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        check_input_length(self.model, self.datamodule)
         return prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model, self.datamodule)
+
+
+def _raised_by_lightning(exc: BaseException) -> bool:
+    """Whether ``exc`` came from Lightning's own checks of the Trainer's arguments (not from a bug here)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}lightning{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def fill_vocab_size(cfg) -> None:

@@ -34,6 +34,7 @@ manifest written, not renamed), ``before-pointer`` (renamed, the ``last`` pointe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -472,6 +473,8 @@ class CommittedCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.keep_newest = keep_newest
         self._committed: tuple[int, Path] | None = None
+        self._final_loops: tuple[int, int, dict] | None = None  # (step, epoch, fit-loop state) ending training
+        self._saving_at_train_end = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -479,22 +482,33 @@ class CommittedCheckpoint(ModelCheckpoint):
             remove_leftovers(Path(self.dirpath))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Also commit ``last`` at the step that ends training (``max_steps``, or a callback's stop).
-
-        Saved here, the checkpoint holds the loop state of a step in mid-epoch; saved only at
-        ``on_train_end``, Lightning would record the epoch as completed, and a resume with a larger
-        ``max_steps`` would skip the rest of that epoch's batches.
-        """
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        max_steps_reached = 0 <= trainer.max_steps <= trainer.global_step
-        if (self.save_last and (max_steps_reached or trainer.should_stop)
-                and not self._should_skip_saving_checkpoint(trainer)):
-            self.save_last_now(trainer)
+        if 0 <= trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            # The loop state of the step that ends training, in mid-epoch (see on_save_checkpoint).
+            self._final_loops = (trainer.global_step, trainer.current_epoch, copy.deepcopy(trainer.fit_loop.state_dict()))
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The state training ended with is always committed (Lightning's only when nothing was saved yet)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._saving_at_train_end = True
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                self._saving_at_train_end = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """A save at the end of training records the loop state of its last step.
+
+        When ``max_steps`` (or a callback's stop) ends training in mid-epoch, Lightning marks the
+        epoch completed before ``on_train_end``; a checkpoint saved then would make a resume with a
+        larger ``max_steps`` start the next epoch, skipping the rest of this one. The loop state
+        taken at the last step's ``on_train_batch_end`` is what a save at that moment would hold
+        (the data position is read from the same progress counters).
+        """
+        final = self._final_loops
+        if self._saving_at_train_end and final is not None and final[0] == trainer.global_step:
+            checkpoint["epoch"] = final[1]
+            checkpoint.setdefault("loops", {})["fit_loop"] = copy.deepcopy(final[2])
 
     def commit(self, trainer) -> Path:
         """A committed checkpoint of the current step (written once per step)."""

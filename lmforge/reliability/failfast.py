@@ -4,8 +4,8 @@
 immutable directory, missing permissions), before the data is prepared or any file is created.
 
 :func:`prepare_trainer_call` turns the ``--ckpt_path`` of ``fit | validate | test | predict`` into a
-verified committed checkpoint (``last`` = the newest committed checkpoint of the run directory;
-none yet means a fresh start), makes Lightning load it with ``weights_only=True``, and loads it once
+verified committed checkpoint (``last`` = the newest committed checkpoint of the run directory,
+none yet meaning a fresh start; ``best`` = its ``best-step*.ckpt``), makes Lightning load it with ``weights_only=True``, and loads it once
 (``weights_only``, memory-mapped) to compare its tensors with the model's (names and shapes listed on
 a mismatch) — all before Lightning writes the config, the metrics log or anything else into the run
 directory.
@@ -74,6 +74,43 @@ def _resolve_last(root: Path, subcommand: str) -> str | None:
     return None
 
 
+def check_input_length(model: Any, datamodule: Any) -> None:
+    """Refuse data rows longer than the architecture accepts, before anything is written (a learned
+    position table would otherwise fail at the first forward pass, after the run directory exists)."""
+    architecture = getattr(model, "architecture", None)
+    limit = architecture.max_positions() if hasattr(architecture, "max_positions") else None
+    if limit is None:
+        return
+    for option in ("block_size", "max_length"):
+        length = getattr(datamodule, option, None)
+        if isinstance(length, int) and length > limit:
+            raise LmforgeError(
+                f"data.{option} is {length} tokens, but the {type(architecture).__name__} architecture accepts at most "
+                f"{limit} positions (model.architecture.block_size, with learned position embeddings). Lower "
+                f"data.{option} to {limit} or less, or build the model for longer inputs (a larger "
+                "model.architecture.block_size, or position: rotary, which has no table); nothing was written."
+            )
+
+
+def _best_pointer(root: Path, subcommand: str) -> Path:
+    """``--ckpt_path best``: the run's ``best-step*.ckpt`` pointer (the checkpoint with the lowest
+    ``val/loss``; Lightning's own ``best`` only knows the fit of the same process)."""
+    checkpoints = root / "checkpoints"
+    pointers = sorted(checkpoints.glob("best-step*.ckpt")) if checkpoints.is_dir() else []
+    if len(pointers) == 1:
+        return pointers[0]
+    if pointers:
+        raise LmforgeError(
+            f"`lmforge {subcommand} --ckpt_path best`: {checkpoints} holds {len(pointers)} best checkpoints "
+            f"({', '.join(p.name for p in pointers[:4])}), so which one is meant is unclear. Name one with --ckpt_path."
+        )
+    raise LmforgeError(
+        f"`lmforge {subcommand} --ckpt_path best`: {checkpoints} holds no best-step*.ckpt. A run saves one when it "
+        "validates (the checkpoint with the lowest val/loss), so give it validation data (data.val_files) and let it "
+        "reach a validation, or use --ckpt_path last (the newest checkpoint)."
+    )
+
+
 def prepare_trainer_call(
     subcommand: str, fn_kwargs: dict[str, Any], trainer: Any, model: Any, datamodule: Any = None
 ) -> dict[str, Any]:
@@ -83,10 +120,12 @@ def prepare_trainer_call(
     if accepts and fn_kwargs.get("weights_only") is None:
         fn_kwargs["weights_only"] = True
     ckpt_path = fn_kwargs.get("ckpt_path")
-    if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
+    if not ckpt_path or ckpt_path == "hpc" or str(ckpt_path).startswith("registry:"):
         return fn_kwargs
     if ckpt_path == "last":
         resolved = _resolve_last(Path(trainer.default_root_dir), subcommand)
+    elif ckpt_path == "best":
+        resolved = str(resolve_checkpoint(_best_pointer(Path(trainer.default_root_dir), subcommand)))
     else:
         resolved = str(resolve_checkpoint(ckpt_path))
     fn_kwargs["ckpt_path"] = resolved

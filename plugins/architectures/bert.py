@@ -403,6 +403,10 @@ class BERT(Architecture):
         weight = self.tok_emb.weight if self.mlm_decoder is None else self.mlm_decoder.weight
         return F.linear(h, weight, self.mlm_bias)  # (..., V)
 
+    def max_positions(self) -> int | None:
+        """``block_size`` with learned positions (the table's size); rotary positions have no limit."""
+        return self.block_size if self.position == "learned" else None
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Same as :meth:`mlm_logits`: an encoder's vocabulary logits are its masked-LM predictions."""
         return self.mlm_logits(hidden)

@@ -531,6 +531,10 @@ class GPT(Architecture):
             mask = mask & same_doc[:, None]  # (B, 1, T, T)
         return mask | (k_slot == q_slot)[None, None]  # (B|1, 1, T, Tk)
 
+    def max_positions(self) -> int | None:
+        """``block_size`` with learned positions (the table's size); rotary positions have no limit."""
+        return self.block_size if self.position == "learned" else None
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Project hidden states ``(B, T, C)`` to vocabulary logits ``(B, T, vocab_size)``."""
         if self.lm_head is None:

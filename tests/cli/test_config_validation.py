@@ -37,6 +37,10 @@ def run_cli(args, capsys):
         (["--model.objective", "mlmm"], r"Unknown objective 'mlmm'"),
         (["--model", "decodr"], r"Unknown model family 'decodr'. Did you mean 'decoder'"),
         (["--model.lr", "-1"], r"model.lr must be a positive, finite learning rate, not -1.0"),
+        (["--trainer.devices", "0"], r"The trainer options are not valid: `Trainer\(devices='0'\)` value is not a valid"),
+        (["--trainer.strategy", "nosuch"], r"The trainer options are not valid: .*invalid strategy name: `strategy='nosuch'`"),
+        (["--data.block_size", "64"], r"data.block_size is 64 tokens, but the GPT architecture accepts at most 32 positions"),
+        (["--ckpt_path", "best"], r"`lmforge fit --ckpt_path best`: .*checkpoints holds no best-step\*.ckpt"),
     ],
 )
 def test_bad_overrides_are_named_and_nothing_is_written(config, tmp_path, capsys, override, expected):

@@ -188,3 +188,18 @@ def test_a_second_fit_into_a_run_directory_in_use_is_refused(trained, tmp_path, 
     assert main(["fit", "--config", str(config)]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"]) == 0
+
+
+def test_validate_best_loads_the_checkpoint_with_the_lowest_val_loss(trained, tmp_path):
+    """`--ckpt_path best` is the run directory's best-step*.ckpt: validating it gives the lowest val/loss
+    the fit logged (Lightning's own `best` only knows a fit of the same process)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)  # validate appends to metrics.csv: work on a copy
+    with open(run / "metrics.csv") as f:
+        val_losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    cli = run_trainer_cli(["validate", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run),
+                           "--ckpt_path", "best"])
+    assert cli.trainer.ckpt_path == str((run / "checkpoints").glob("best-step*.ckpt").__next__().resolve())
+    assert float(cli.trainer.callback_metrics["val/loss"]) == pytest.approx(min(val_losses), rel=1e-5)

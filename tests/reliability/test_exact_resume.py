@@ -9,6 +9,7 @@ are tested against the same uninterrupted run.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -121,6 +122,12 @@ def test_a_run_ended_by_max_steps_mid_epoch_goes_on_with_that_epoch(data, uninte
     got = steps(tmp_path / "run")
     assert sorted(got) == sorted(expected)
     assert [got[s]["rows"] for s in sorted(got)] == [expected[s]["rows"] for s in sorted(expected)]
+    # the last step's validation still names the best checkpoint: the one with the lowest val/loss
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        val = {int(r["step"]) + 1: float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+    assert 16 in val
+    best = sorted((tmp_path / "run" / "checkpoints").glob("best-step*.ckpt"))
+    assert [p.name for p in best] == [f"best-step{min(val, key=val.get)}.ckpt"], (val, best)
 
 
 def test_comparison_detects_a_resume_without_the_data_position(data, uninterrupted, tmp_path):
