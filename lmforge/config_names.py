@@ -66,19 +66,31 @@ def install_short_names() -> None:
 
 
 # -- early validation of names ---------------------------------------------------------------------
-def _read_yaml(path: str) -> dict:
+def read_yaml_file(path: str) -> dict:
+    """A YAML config file as a dict (``safe_load``: Python object tags are refused); a file that is
+    missing, not UTF-8 or not YAML is one paragraph naming the line and column."""
     file = Path(path)
     if not file.is_file():
         raise LmforgeError(f"Config file {path} does not exist. Pass the path of a YAML file to --config.")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise LmforgeError(
-            f"Config file {path} is not valid YAML (Python object tags are refused): {str(exc).splitlines()[0]}"
-        ) from None
+        raise LmforgeError(f"Config file {path} is not valid YAML: {_yaml_problem(exc)}. Fix the file.") from None
     except UnicodeDecodeError as exc:
         raise LmforgeError(f"Config file {path} is not UTF-8 text (bad byte at offset {exc.start}).") from None
     return data if isinstance(data, dict) else {}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What went wrong and where, in one line: ``expected ',' or ']' ... (line 3, column 1)``."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        problem = f"{problem} (Python object tags are refused)"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    text = f"{problem}{where}" + (f", {context}" if context else "")
+    return " ".join(text.split())
 
 
 def _name_of(value: Any) -> str | None:
@@ -131,9 +143,9 @@ def plugin_names_in_args(args: list[str]) -> list[tuple[str, str]]:
     names: list[tuple[str, str]] = []
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
-            names += _names_in_config(_read_yaml(args[i + 1]))
+            names += _names_in_config(read_yaml_file(args[i + 1]))
         elif arg.startswith("--config="):
-            names += _names_in_config(_read_yaml(arg.split("=", 1)[1]))
+            names += _names_in_config(read_yaml_file(arg.split("=", 1)[1]))
     return names + _names_in_overrides(args)
 
 

@@ -207,11 +207,11 @@ def _get(config: dict, dotted: str, default: Any = None) -> Any:
 def load_config(paths: list[str], overrides: list[str]) -> dict:
     import yaml
 
+    from lmforge.config_names import read_yaml_file
+
     config: dict = {}
     for path in paths:
-        if not Path(path).is_file():
-            raise LmforgeError(f"Config file {path} does not exist.")
-        _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+        _merge(config, read_yaml_file(path))
     it = iter(overrides)
     for arg in it:
         if not arg.startswith("--"):
@@ -249,14 +249,30 @@ def build_on_meta(config: dict):
     with torch.device("meta"):
         info = registry.get("architecture", arch_cfg["class_path"].rsplit(".", 1)[-1].lower()) \
             if "." in arch_cfg["class_path"] else registry.get("architecture", arch_cfg["class_path"])
-        architecture = info.cls(**options)
+        architecture = _build(info.cls, options, "model.architecture")
         modules.append(architecture)
         task_cfg = init.get("task")
         if isinstance(task_cfg, dict) and task_cfg.get("class_path"):
-            task = registry.get("task", task_cfg["class_path"]).cls(**(task_cfg.get("init_args") or {}))
+            task = _build(registry.get("task", task_cfg["class_path"]).cls, task_cfg.get("init_args") or {}, "model.task")
             if hasattr(task, "parameters"):
                 modules.append(task)
     return modules, {**options, "_architecture": architecture}
+
+
+def _build(cls: type, options: dict[str, Any], where: str):
+    """``cls(**options)``, an option the class does not take named as the training CLI names it."""
+    import inspect
+
+    from lmforge.errors import closest
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    for option in options:
+        if option not in accepted:
+            raise LmforgeError(
+                f"Invalid config at '{where}.{option}': {cls.__name__} has no option '{option}'."
+                f"{closest(option, accepted)} Run `lmforge fit --config ... --print_config` to see every option."
+            )
+    return cls(**options)
 
 
 def estimate_command(argv: list[str]) -> int:
@@ -281,6 +297,9 @@ def estimate_command(argv: list[str]) -> int:
     )
     precision = str(args.precision or trainer.get("precision") or "32-true")
     precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
+    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
+        if not isinstance(value, int) or value < 1:
+            raise LmforgeError(f"--{name} (or trainer.{name}) must be a positive number of processes, not {value!r}.")
     world = devices * num_nodes
 
     modules, options = build_on_meta(config)

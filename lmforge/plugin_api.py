@@ -395,8 +395,9 @@ class Task(Plugin, nn.Module):
         :meth:`frame_input`); rows must be at most ``max_length`` tokens. ``stage`` is ``"fit"``,
         ``"validate"``, ``"test"`` or ``"predict"`` (label fields are absent for predict files
         without them). May return more rows than records (e.g. question-answering windows; keep
-        ``example_id`` on each). Raise :class:`~lmforge.LmforgeError` naming the record for bad
-        input (an unknown label, a malformed tag sequence).
+        ``example_id`` on each). Raise :class:`~lmforge.LmforgeError` naming the record
+        (``Record {example_id} ...``) for bad input (an unknown label, a malformed tag sequence);
+        lmforge prefixes the option and files the records came from.
         """
         raise NotImplementedError(f"The task '{self.name}' does not read labelled records (it defines no preprocess).")
 

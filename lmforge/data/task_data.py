@@ -161,6 +161,15 @@ def read_records(
     return dataset.add_column("example_id", list(range(len(dataset))))
 
 
+def _preprocess_naming_files(preprocess, files: str, records: dict[str, list[Any]], **kwargs: Any):
+    """A task's ``preprocess``, whose errors (they name the record by ``example_id``: its row number
+    in the split, counted from 0) also name the option and the files the record comes from."""
+    try:
+        return preprocess(records, **kwargs)
+    except LmforgeError as exc:
+        raise LmforgeError(f"{files} (records numbered from 0): {exc}") from None
+
+
 def infer_task_labels(task_cls: type, train_files: str | list[str], columns: dict[str, str] | None) -> list[str] | None:
     """``task_cls.infer_labels`` over the training records (None for a task without a label set)."""
     if getattr(task_cls.infer_labels, "__func__", None) is Task.infer_labels.__func__:
@@ -296,6 +305,15 @@ class TaskDataModule(L.LightningDataModule):
         blob = json.dumps(description, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
+    def _describe_split(self, split: str) -> str:
+        """Where a split's records come from, for error messages: the option and its files."""
+        option = _SPLIT_OPTION[split]
+        paths = ", ".join(str(source.path) for source in resolve_data_files(self._files(split), option=option))
+        if split in ("train", "val") and self.files["val"] is None:
+            part = "the held-out validation records" if split == "val" else "the training records (held-out ones removed)"
+            return f"{part} of data.train_files: {paths}"
+        return f"data.{option}: {paths}"
+
     def _cache_path(self, split: str) -> Path:
         return self.cache_dir / "tasks" / self.cache_key(split)
 
@@ -324,7 +342,9 @@ class TaskDataModule(L.LightningDataModule):
             records = self._records(split, tmp / "work")
             task = module.task
             fn = functools.partial(
+                _preprocess_naming_files,
                 task.preprocess,
+                self._describe_split(split),
                 tokenizer=self.tokenizer,
                 special=self.special,
                 max_length=self.max_length,

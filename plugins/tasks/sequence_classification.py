@@ -121,8 +121,9 @@ class SequenceClassification(Task):
         if value is None or unknown:
             raise LmforgeError(
                 f"Record {example_id} has the label {unknown[0] if unknown else None!r}, which is not one of the "
-                f"{len(self.labels)} labels seen in the training data ({', '.join(self.labels[:10])}"
-                f"{', ...' if len(self.labels) > 10 else ''}). Fix the record, or add the label to the training data."
+                f"task's {len(self.labels)} labels ({', '.join(self.labels[:10])}{', ...' if len(self.labels) > 10 else ''}; "
+                "model.task.init_args.labels, or those of data.train_files when not given). Fix the record, or add "
+                "the label to the training data or to model.task.init_args.labels."
             )
         if not self.multi_label:
             return index[str(value)]

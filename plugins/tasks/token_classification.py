@@ -127,8 +127,9 @@ class TokenClassification(Task):
                     if tag not in index:
                         raise LmforgeError(
                             f"Record {records['example_id'][r]} has the tag {tag!r}, which is not one of the "
-                            f"{len(index)} tags seen in the training data ({', '.join(list(index)[:12])}). Fix the "
-                            "record, or add the tag to the training data."
+                            f"task's {len(index)} tags ({', '.join(list(index)[:12])}; model.task.init_args.labels, or "
+                            "those of data.train_files when not given). Fix the record, or add the tag to the "
+                            "training data or to model.task.init_args.labels."
                         )
                     labels[position] = index[tag]
                 out["labels"].append(labels)

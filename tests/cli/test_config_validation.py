@@ -64,7 +64,17 @@ def test_yaml_with_python_tags_is_refused(tmp_path, capsys):
     bad = tmp_path / "evil.yaml"
     bad.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     code, err = run_cli(["fit", "--config", str(bad)], capsys)
-    assert code == 2 and "is not valid YAML" in err
+    assert code == 2 and "is not valid YAML" in err and "(Python object tags are refused) at line 1, column 8" in err
+
+
+@pytest.mark.parametrize("command", ["fit", "estimate"])
+def test_malformed_yaml_names_the_line_and_column(tmp_path, capsys, command):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n   devices: 1\n")
+    code, err = run_cli([command, "--config", str(bad)], capsys)
+    assert code == 2
+    assert err.strip() == f"lmforge: error: Config file {bad} is not valid YAML: mapping values are not allowed here " \
+                          "at line 3, column 11. Fix the file.", err
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(config, tmp_path, capsys):

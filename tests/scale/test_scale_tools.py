@@ -11,6 +11,7 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_config, write_config
 from ports import free_port
@@ -123,6 +124,23 @@ def test_estimate_counts_parameters_on_the_meta_device_and_orders_the_strategies
     assert main(["estimate", "--config", str(config), "--devices", "2", "--strategy", "deepspeed_stage_3"]) == 0
     text = capsys.readouterr().out
     assert "per device:" in text and "optimizer states" in text and "activations" in text
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model.architecture.n_layr", "3"],
+         "Invalid config at 'model.architecture.n_layr': GPT has no option 'n_layr'. Did you mean 'n_layer'"),
+        (["--devices", "-2"], "--devices (or trainer.devices) must be a positive number of processes, not -2."),
+    ],
+)
+def test_estimate_names_a_bad_option(corpus, tmp_path, capsys, args, expected):
+    from lmforge.cli import main
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(corpus, tmp_path / "run"))
+    assert main(["estimate", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: ") and expected in err and "Traceback" not in err, err
 
 
 def test_estimate_formulas():

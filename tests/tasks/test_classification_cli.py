@@ -195,3 +195,16 @@ def test_a_checkpoint_is_refused_with_other_labels_a_multi_label_head_or_another
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_an_unknown_label_names_the_file_and_the_record_before_anything_is_written(tmp_path, capsys):
+    val = tmp_path / "val_bad.jsonl"
+    lines = (TASKS / "sequence_classification" / "val.jsonl").read_text().splitlines()[:5]
+    val.write_text("\n".join([*lines, '{"text": "an odd one", "label": "mystery"}']) + "\n")
+    cfg = shipped_config("sequence_classification", tmp_path / "run", tmp_path / "cache")
+    cfg["data"]["val_files"] = str(val)
+    assert main(["fit", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert f"data.val_files: {val} (records numbered from 0): Record 5 has the label 'mystery', which is not one of " \
+           "the task's 3 labels (calm, happy, sad;" in err, err
+    assert not (tmp_path / "run").exists()

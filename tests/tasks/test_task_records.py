@@ -109,7 +109,7 @@ def test_an_unknown_label_or_a_list_for_a_single_label_task_names_the_record():
     special = find_special_tokens(tokenizer)
     task = SequenceClassification(labels=["happy", "sad"])
     records = {"text": ["a", "b"], "label": ["happy", "angry"], "example_id": [0, 7]}
-    with pytest.raises(LmforgeError, match="Record 7 has the label 'angry', which is not one of the 2 labels"):
+    with pytest.raises(LmforgeError, match="Record 7 has the label 'angry', which is not one of the task's 2 labels"):
         task.preprocess(records, tokenizer, special, 32, "encoder", "validate")
     records = {"text": ["a"], "label": [["happy", "sad"]], "example_id": [3]}
     with pytest.raises(LmforgeError, match="Record 3 has a list of labels.*multi_label: true"):
