@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_trainer_cli(argv)
             finally:
                 close_process_group()
+                stop_leftover_workers()
             return 0
         if command in TOOLS:
             return TOOLS[command](argv[1:])
@@ -84,6 +85,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmforge: error: {user_error}", file=sys.stderr)
         return 2
+
+
+def stop_leftover_workers() -> None:
+    """Kill the data-loader workers a failed run left alive (this process's daemonic children).
+
+    They ignore SIGTERM (lmforge.reliability.resume), and persistent workers of a loader an error
+    interrupted (a failed save after validation) outlive the run; multiprocessing's exit handler
+    sends them SIGTERM and joins them, which would wait forever.
+    """
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 def close_process_group() -> None:

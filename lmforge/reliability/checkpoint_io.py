@@ -30,11 +30,13 @@ Test hook: ``LMFORGE_CHECKPOINT_FAULT=<point>[:<n>]`` makes the process SIGKILL 
 point of its ``n``-th commit (default 1): ``before-write`` (temporary directory made, nothing
 written), ``mid-file`` (part of ``model.ckpt`` written), ``before-commit`` (all files and the
 manifest written, not renamed), ``before-pointer`` (renamed, the ``last`` pointer not updated).
+``<point>:<n>:enospc`` raises the full disk's ``OSError`` there instead.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -80,12 +82,14 @@ def _fault_armed(point: str) -> bool:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return False
-    name, _, nth = spec.partition(":")
+    name, nth, _ = (spec.split(":") + ["", ""])[:3]
     return name == point and _commits_started == int(nth or 1)
 
 
 def _fault(point: str) -> None:
     if _fault_armed(point):
+        if os.environ[FAULT_ENV].endswith(":enospc"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{FAULT_ENV} at {point}")
         log.warning("%s=%s: killing this process (SIGKILL) at '%s'", FAULT_ENV, os.environ[FAULT_ENV], point)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -354,20 +358,27 @@ def commit_checkpoint(trainer: Any, checkpoints_dir: Path, weights_only: bool = 
     token = strategy.broadcast(uuid.uuid4().hex[:12])
     tmp = checkpoints_dir / f"{TMP_PREFIX}{STEP_PREFIX}{step:08d}-{token}"
     _commits_started += 1
-    if trainer.is_global_zero:
-        tmp.mkdir(parents=True)
-    strategy.barrier("lmforge-commit-start")
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-    rank_state = checkpoint.pop(RANK_STATE_KEY, None)
-    _fault("before-write")
-    _in_commit = True
     try:
-        strategy.save_checkpoint(checkpoint, tmp / MODEL_FILE)
-    finally:
-        _in_commit = False
-    rank = int(trainer.global_rank)
-    state = {"rank": rank, "world_size": int(trainer.world_size), "state": rank_state}
-    write_file(tmp / f"rank-{rank}.pt", lambda f: torch.save(state, f))
+        if trainer.is_global_zero:
+            tmp.mkdir(parents=True)
+        strategy.barrier("lmforge-commit-start")
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+        rank_state = checkpoint.pop(RANK_STATE_KEY, None)
+        _fault("before-write")
+        _in_commit = True
+        try:
+            strategy.save_checkpoint(checkpoint, tmp / MODEL_FILE)
+        finally:
+            _in_commit = False
+        rank = int(trainer.global_rank)
+        state = {"rank": rank, "world_size": int(trainer.world_size), "state": rank_state}
+        write_file(tmp / f"rank-{rank}.pt", lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as exc:  # a full disk, a quota, a file system gone read-only
+        cause = _os_error_in(exc)  # torch.save reports a failed write as a RuntimeError caused by it
+        if cause is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial save took
+        raise _save_failed(step, checkpoints_dir, cause) from None
     strategy.barrier("lmforge-commit-written")
     final = tmp
     if trainer.is_global_zero:
@@ -385,7 +396,7 @@ def commit_checkpoint(trainer: Any, checkpoints_dir: Path, weights_only: bool = 
             "version": FORMAT_VERSION,
             "sequence": (existing[-1][0] + 1) if existing else 1,
             "step": step,
-            "epoch": int(trainer.current_epoch),
+            "epoch": int(checkpoint.get("epoch", trainer.current_epoch)),
             "world_size": int(trainer.world_size),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config_sha256": _config_sha256(checkpoint),
@@ -401,6 +412,29 @@ def commit_checkpoint(trainer: Any, checkpoints_dir: Path, weights_only: bool = 
         _fault("before-pointer")
     final = Path(strategy.broadcast(str(final)))
     return final
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError that ``exc`` is or was raised while handling (its cause/context chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _save_failed(step: int, checkpoints_dir: Path, exc: OSError) -> LmforgeError:
+    """The error for a save the file system refused: what failed, and that nothing committed was lost."""
+    newest = newest_checkpoint(checkpoints_dir)
+    kept = (f"the newest committed checkpoint, {newest}, is intact and `--ckpt_path last` resumes from it"
+            if newest is not None else "no checkpoint of this run had been committed yet")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return LmforgeError(
+        f"Saving the checkpoint of step {step} failed: {exc.strerror or exc}{where}. The partial save was removed and "
+        f"{kept}. Free space on that file system (or fix it), then run the same command with --ckpt_path last."
+    )
 
 
 def point(pointer: Path, target: Path) -> None:

@@ -10,6 +10,7 @@ are tested against the same uninterrupted run.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -234,6 +235,28 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(data, tmp_path):
     assert "Ctrl-C: stopping after this step" in log and "Detected KeyboardInterrupt" in log
     assert "stopped after step" not in log
     assert [m["step"] for _, _, m in committed_checkpoints(tmp_path / "run" / "checkpoints")] in ([], [1])
+
+
+def test_a_full_disk_during_a_save_is_one_paragraph_and_the_restart_resumes_exactly(data, uninterrupted, tmp_path):
+    """ENOSPC in the middle of writing the second checkpoint (step 8, after validation): the process exits
+    with status 2 and one paragraph naming the step and the intact checkpoint of step 4, and leaves no
+    partial save. (Before, a traceback, and the exit hung: the validation loader's persistent workers
+    ignore SIGTERM, which multiprocessing's exit handler sends before joining them.) Once there is
+    space again, `--ckpt_path last` finishes equal to the uninterrupted run."""
+    expected = uninterrupted("decoder")
+    cfg = write(tmp_path / "cfg.yaml", config(data, data["tokenizer"], tmp_path / "run"))
+    process = start(["fit", "--config", str(cfg)], {"LMFORGE_CHECKPOINT_FAULT": "mid-file:2:enospc"}, tmp_path / "run.log")
+    assert wait([process], timeout=90) == [2], (tmp_path / "run.log").read_text()[-3000:]
+    log = (tmp_path / "run.log").read_text()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert f"lmforge: error: Saving the checkpoint of step 8 failed: {os.strerror(errno.ENOSPC)}" in log, log[-3000:]
+    assert f"the newest committed checkpoint, {checkpoints / 'step-00000004'}, is intact" in log
+    assert "Traceback" not in log
+    assert [m["step"] for _, _, m in committed_checkpoints(checkpoints)] == [4]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # the partial save is gone
+
+    assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0  # space again
+    assert_same_training(expected, tmp_path / "run")
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
