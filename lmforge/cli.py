@@ -95,11 +95,22 @@ def stop_leftover_workers() -> None:
     sends them SIGTERM and joins them, which would wait forever.
     """
     import multiprocessing
+    import signal
 
-    for child in multiprocessing.active_children():
-        if child.daemon:
+    import threading
+
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers or threading.current_thread() is not threading.main_thread():
+        return
+    # torch's SIGCHLD handler raises here when a worker dies; these die on purpose (and are reaped
+    # before it is back, so it does not see them later)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in workers:
             child.kill()
             child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def close_process_group() -> None:

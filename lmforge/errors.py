@@ -8,6 +8,7 @@ the culprit and the fix. The CLI prints that paragraph and exits with status 2, 
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -34,6 +35,30 @@ def find_user_error(exc: BaseException) -> LmforgeError | None:
     latest = LmforgeError.latest
     if latest is not None and str(latest)[:80].replace("\\", "") in str(original).replace("\\", ""):
         return latest
+    refused = _refused_write(original)
+    if refused is not None:
+        where = f" ({refused.filename})" if refused.filename else ""
+        return LmforgeError(
+            f"The file system refused: {refused.strerror}{where}. Committed checkpoints are never changed by a "
+            "failed write (a fit loses only the steps since its newest one). Free space or fix the permissions, "
+            "then run the same command again (a fit with --ckpt_path last resumes from its newest committed checkpoint; "
+            "validate or test a read-only run with --trainer.logger false, which writes no metrics file)."
+        )
+    return None
+
+
+#: Errors of the file system rather than of lmforge: a full disk, a quota, a read-only or immutable target.
+_WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _refused_write(exc: BaseException | None) -> OSError | None:
+    """The OSError of a refused write in ``exc``'s cause/context chain, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in _WRITE_REFUSED:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

@@ -19,7 +19,7 @@ from lmforge.errors import LmforgeError
 #: Existing files an output must never replace: weights, checkpoints and what a run directory holds.
 _PROTECTED_SUFFIXES = (".ckpt", ".pt", ".safetensors", ".bin")
 _RUN_FILES = (".lmforge.lock", "config.yaml", "hparams.yaml", "plugins.json", "labels.json", "metrics.csv",
-              "MANIFEST.json", "tokenizer.json", "lmforge.json")
+              "metrics.validate.csv", "metrics.test.csv", "MANIFEST.json", "tokenizer.json", "lmforge.json")
 
 
 def expand_inputs(entries: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:

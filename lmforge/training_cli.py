@@ -79,7 +79,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 
 class RunDirectory(SaveConfigCallback):
-    """Writes ``config.yaml`` and ``plugins.json`` into the run directory, never over a different one.
+    """Writes ``config.yaml`` and ``plugins.json`` into the run directory of a fit, never over a different one.
 
     On resume an identical config is left alone; a changed one is written beside it with a
     timestamp, so the history of a run is kept.
@@ -89,15 +89,17 @@ class RunDirectory(SaveConfigCallback):
         if self.already_saved:
             return
         self.already_saved = True
-        if not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or stage != "fit":
+            return  # evaluation and prediction leave the run's record as it is (it may be read-only)
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        if stage == "fit":
-            # The first write of a fit (this callback runs before the checkpoint callbacks, which
-            # clean up interrupted saves): from here on no other fit may write into root.
-            lock_run_directory(root)
-        config_text = self.parser.dump(self.config, skip_none=False)
+        # The first write of a fit (this callback runs before the checkpoint callbacks, which clean
+        # up interrupted saves): from here on no other fit may write into root.
+        lock_run_directory(root)
+        config = self.config.clone()
+        if "ckpt_path" in config:
+            config["ckpt_path"] = None  # resuming is the same run: not a changed config
+        config_text = self.parser.dump(config, skip_none=False)
         _write_once(root, "config", ".yaml", config_text)
         plugins = pl_module.lmforge_metadata()["plugins"] if isinstance(pl_module, LMModule) else []
         _write_once(root, "plugins", ".json", json.dumps(plugins, indent=2) + "\n")
@@ -193,7 +195,8 @@ class LmforgeCLI(LightningCLI):
         cfg = self._get(self.config_init, "trainer", default={})
         root = Path(cfg.get("default_root_dir") or DEFAULT_ROOT)
         if cfg.get("logger") in (None, True):
-            kwargs["logger"] = RunLogger(str(root))
+            # predict logs nothing; validate/test write metrics.<command>.csv beside the training log
+            kwargs["logger"] = RunLogger(str(root), self.subcommand) if self.subcommand != "predict" else False
         callbacks = list(cfg.get("callbacks") or [])
         if cfg.get("enable_checkpointing", True) is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
@@ -214,6 +217,7 @@ class LmforgeCLI(LightningCLI):
             data = self.datamodule  # text data name their predict files as an option, task data in `files`
             inputs = expand_inputs(getattr(data, "predict_files", None) or (getattr(data, "files", None) or {}).get("predict"))
             inputs += expand_inputs(section.get("ckpt_path"))
+            inputs += [Path(getattr(c, "absolute", c)) for c in section.get("config") or []]  # --config files
             if section.get("output"):
                 output = check_output_file(section.get("output"), "--output", bool(section.get("overwrite")), inputs)
             else:

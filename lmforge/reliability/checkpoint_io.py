@@ -507,6 +507,7 @@ class CommittedCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.keep_newest = keep_newest
         self._committed: tuple[int, Path] | None = None
+        self._own_commits: set[Path] = set()  # the committed directories this run wrote
         self._final_loops: tuple[int, int, dict] | None = None  # (step, epoch, fit-loop state) ending training
         self._saving_at_train_end = False
 
@@ -549,6 +550,7 @@ class CommittedCheckpoint(ModelCheckpoint):
         step = int(trainer.global_step)
         if self._committed is None or self._committed[0] != step or not self._committed[1].is_dir():
             self._committed = (step, commit_checkpoint(trainer, Path(self.dirpath), self.save_weights_only))
+            self._own_commits.add(self._committed[1].resolve())
         return self._committed[1]
 
     def save_last_now(self, trainer) -> Path:
@@ -587,7 +589,14 @@ class CommittedCheckpoint(ModelCheckpoint):
         protect = set()
         if trainer.ckpt_path:
             resumed = Path(trainer.ckpt_path).resolve()
-            protect.add(resumed.parent if resumed.name == MODEL_FILE else resumed)
+            resumed = resumed.parent if resumed.name == MODEL_FILE else resumed
+            protect.add(resumed)
+            # A run resumed from an older checkpoint never deletes the later ones of the line it left
+            # (the weights a user stepped back from); only its own commits are subject to retention.
+            committed = committed_checkpoints(Path(self.dirpath))
+            steps = {d.resolve(): m.get("step", -1) for _, d, m in committed}
+            resumed_step = steps.get(resumed, float("inf"))
+            protect |= {d for d, step in steps.items() if step > resumed_step and d not in self._own_commits}
         apply_retention(Path(self.dirpath), protect=protect, keep_newest=self.keep_newest)
 
     def file_exists(self, filepath, trainer) -> bool:

@@ -129,4 +129,7 @@ class LmforgeSignalConnector(_SignalConnector):
                 os.write(2, b"\nlmforge: Ctrl-C: stopping after this step with a checkpoint "
                             b"(press Ctrl-C again to stop at once, without one).\n")
         elif now - self._first_interrupt >= REPEATED_INTERRUPT_SECONDS:
+            if self.trainer.global_rank == 0:
+                os.write(2, b"\nlmforge: second Ctrl-C: stopping now, without a checkpoint of this step; "
+                            b"`--ckpt_path last` resumes from the newest committed checkpoint.\n")
             raise KeyboardInterrupt

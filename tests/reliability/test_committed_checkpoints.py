@@ -109,6 +109,24 @@ def test_retention_never_deletes_the_resume_source_or_the_newest(tmp_path):
         resolve_checkpoint(checkpoints / "step-00000009")
 
 
+def test_resuming_from_an_older_checkpoint_keeps_the_later_ones(tmp_path, corpus):
+    """Train to step 6, step back to step 4 and train 1 step: the step-6 checkpoint (the line the user left)
+    is kept, and retention still applies to the new line's own commits (before, step 6 was deleted)."""
+    data = small_corpus(tmp_path / "data")
+    cfg = config(data, corpus["tokenizer"], tmp_path / "run", max_steps=6, val_check_interval=2, step_log=False,
+                 limit_val_batches=0)
+    cfg["model"]["init_args"]["objective"] = {"class_path": "clm"}
+    cfg = write(tmp_path / "cfg.yaml", cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert run_in_process(["fit", "--config", str(cfg), "--trainer.max_steps", "4"]) == 0
+    assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0  # 4 -> 6
+    assert [m["step"] for _, _, m in committed_checkpoints(checkpoints)] == [4, 6]
+    assert run_in_process(["fit", "--config", str(cfg), "--ckpt_path", str(checkpoints / "step-00000004"),
+                           "--trainer.max_steps", "5"]) == 0
+    assert sorted(m["step"] for _, _, m in committed_checkpoints(checkpoints)) == [4, 5, 6]
+    assert (checkpoints / "last.ckpt").resolve().parent.name == "step-00000005"
+
+
 def test_last_is_the_newest_committed_even_when_the_pointer_lags(run):
     checkpoints = run["run"] / "checkpoints"
     sequence, pointed, manifest = committed_checkpoints(checkpoints)[-1]

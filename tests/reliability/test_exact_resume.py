@@ -233,6 +233,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(data, tmp_path):
     assert wait([process], timeout=60) == [1], (tmp_path / "run.log").read_text()[-3000:]
     log = (tmp_path / "run.log").read_text()
     assert "Ctrl-C: stopping after this step" in log and "Detected KeyboardInterrupt" in log
+    assert "second Ctrl-C: stopping now, without a checkpoint of this step; `--ckpt_path last` resumes" in log
     assert "stopped after step" not in log
     assert [m["step"] for _, _, m in committed_checkpoints(tmp_path / "run" / "checkpoints")] in ([], [1])
 

@@ -123,3 +123,31 @@ def test_bad_data_is_one_paragraph_before_any_run_artefact(name, existing, tmp_p
                            "--ckpt_path", "last"]) == 2
     assert message in error_paragraph(capsys.readouterr().err)
     assert snapshot(existing["run"]) == before
+
+
+def test_a_refused_write_anywhere_in_a_command_is_one_paragraph(capsys, monkeypatch):
+    """A full disk met outside the checkpoint save (the metrics log, here: raised where the CLI runs the
+    trainer, wrapped as a RuntimeError the way torch wraps it) is one paragraph with the file and the
+    fix, exit 2; an OSError that is not a refused write stays a traceback (a bug)."""
+    import errno
+
+    import lmforge.cli as cli
+
+    def disk_full(argv, run=True):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.csv")
+        except OSError as exc:
+            raise RuntimeError("writer failed") from exc
+
+    monkeypatch.setattr(cli, "run_trainer_cli", disk_full)
+    assert cli.main(["fit", "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmforge: error: The file system refused: {os.strerror(errno.ENOSPC)} (/runs/x/metrics.csv).")
+    assert "--ckpt_path last" in err and "--trainer.logger false" in err
+
+    def not_found(argv, run=True):
+        raise FileNotFoundError(errno.ENOENT, "missing", "/nowhere")
+
+    monkeypatch.setattr(cli, "run_trainer_cli", not_found)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["fit", "--config", "x.yaml"])

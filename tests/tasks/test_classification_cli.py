@@ -31,8 +31,8 @@ def shipped_config(task: str, run_dir, cache_dir, **trainer) -> dict:
     return cfg
 
 
-def metric_rows(run_dir) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
+def metric_rows(run_dir, name: str = "metrics.csv") -> list[dict[str, str]]:
+    with open(run_dir / name, newline="") as f:
         return [row for row in csv.DictReader(f) if any(k.startswith("val/") and v for k, v in row.items())]
 
 
@@ -84,8 +84,9 @@ def test_predict_never_writes_over_what_exists(classifier, tmp_path, capsys):
     assert json.loads(out.read_text())["text"] == "Mia laughed and smiled all day."
 
     last = classifier["run"] / "checkpoints" / "last.ckpt"
-    before = {p: p.read_bytes() for p in (records, last.resolve())}
-    for target, message in ((records, "is also an input"), (last, "checkpoint or run file")):
+    config = classifier["config"]
+    before = {p: p.read_bytes() for p in (records, last.resolve(), config)}
+    for target, message in ((records, "is also an input"), (config, "is also an input"), (last, "checkpoint or run file")):
         assert main([*base, "--output", str(target), "--overwrite", "true"]) == 2
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before and last.is_symlink()
@@ -113,7 +114,8 @@ def test_two_process_validation_equals_one_process(classifier, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = metric_rows(tmp_path / "one")[-1], metric_rows(tmp_path / "two")[-1]
+    one, two = (metric_rows(tmp_path / side, "metrics.validate.csv")[-1] for side in ("one", "two"))
+    assert not (tmp_path / "one" / "metrics.csv").exists()  # validation never writes the training log
     assert 0.0 < float(one["val/accuracy"]) < 1.0  # so one repeated or missing row would change it
     for name in ("val/accuracy", "val/f1_macro", "val/mcc"):
         assert float(two[name]) == pytest.approx(float(one[name]), abs=1e-7), name
