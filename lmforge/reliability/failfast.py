@@ -26,6 +26,7 @@ from lmforge.errors import LmforgeError
 from lmforge.reliability.checkpoint_io import (
     STEP_PREFIX,
     newest_checkpoint,
+    read_manifest,
     resolve_checkpoint,
     safe_load,
 )
@@ -131,7 +132,20 @@ def prepare_trainer_call(
     fn_kwargs["ckpt_path"] = resolved
     if resolved is not None and model is not None:
         check_checkpoint_fits(Path(resolved), model, datamodule)
+    if resolved is not None and subcommand == "fit":
+        _warn_if_nothing_to_train(Path(resolved), trainer)
     return fn_kwargs
+
+
+def _warn_if_nothing_to_train(checkpoint: Path, trainer: Any) -> None:
+    """A resume whose checkpoint is already at (or past) ``trainer.max_steps`` trains nothing: say so."""
+    manifest = read_manifest(checkpoint.parent) or {}
+    step, max_steps = manifest.get("step"), getattr(trainer, "max_steps", -1)
+    if isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:
+        rank_zero_warn(
+            f"The checkpoint is at step {step} and trainer.max_steps is {max_steps}: this fit trains nothing. Raise "
+            "--trainer.max_steps to train further."
+        )
 
 
 def check_checkpoint_fits(file: Path, model: Any, datamodule: Any = None) -> None:

@@ -203,3 +203,13 @@ def test_validate_best_loads_the_checkpoint_with_the_lowest_val_loss(trained, tm
                            "--ckpt_path", "best"])
     assert cli.trainer.ckpt_path == str((run / "checkpoints").glob("best-step*.ckpt").__next__().resolve())
     assert float(cli.trainer.callback_metrics["val/loss"]) == pytest.approx(min(val_losses), rel=1e-5)
+
+
+def test_a_resume_past_max_steps_says_it_trains_nothing(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    with pytest.warns(UserWarning, match="The checkpoint is at step 6 and trainer.max_steps is 4: this fit trains nothing"):
+        assert main(["fit", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run),
+                     "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0
