@@ -43,6 +43,7 @@ from lmforge.reliability.checkpoint_io import (
     STEP_PREFIX,
     CommittedCheckpoint,
     CommittedCheckpointIO,
+    newest_checkpoint,
 )
 from lmforge.reliability.failfast import (
     check_input_length,
@@ -96,6 +97,11 @@ class RunDirectory(SaveConfigCallback):
         # The first write of a fit (this callback runs before the checkpoint callbacks, which clean
         # up interrupted saves): from here on no other fit may write into root.
         lock_run_directory(root)
+        log = root / "metrics.csv"
+        if log.is_file() and newest_checkpoint(root / "checkpoints") is None:
+            # An attempt that died before its first checkpoint (reached through `--ckpt_path last`):
+            # this fit starts over, so its rows are kept apart instead of mixed with the new ones.
+            log.rename(root / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.csv")
         config = self.config.clone()
         if "ckpt_path" in config:
             config["ckpt_path"] = None  # resuming is the same run: not a changed config

@@ -213,3 +213,19 @@ def test_a_resume_past_max_steps_says_it_trains_nothing(trained, tmp_path):
     with pytest.warns(UserWarning, match="The checkpoint is at step 6 and trainer.max_steps is 4: this fit trains nothing"):
         assert main(["fit", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run),
                      "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0
+
+
+def test_starting_over_keeps_an_uncommitted_attempts_metrics_apart(trained, tmp_path):
+    """`--ckpt_path last` where an earlier attempt logged rows but committed no checkpoint: the fit starts
+    over, and the earlier rows move to metrics.<time>.csv instead of mixing with the new ones."""
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = (trained["run"] / "metrics.csv").read_bytes()
+    (run / "metrics.csv").write_bytes(earlier)
+    assert main(["fit", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run),
+                 "--ckpt_path", "last"]) == 0
+    kept = [p for p in run.glob("metrics.*.csv")]
+    assert len(kept) == 1 and kept[0].read_bytes() == earlier
+    with open(run / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 6  # one run's rows, each step once
