@@ -96,7 +96,6 @@ def stop_leftover_workers() -> None:
     """
     import multiprocessing
     import signal
-
     import threading
 
     workers = [child for child in multiprocessing.active_children() if child.daemon]
@@ -151,9 +150,8 @@ def _take_plugins_option(argv: list[str]) -> list[str]:
 
 def run_trainer_cli(argv: list[str], run: bool = True):
     """Run a LightningCLI subcommand and return the CLI object; ``run=False`` only builds it."""
-    from lmforge.training_cli import LmforgeCLI
-
     from lmforge.reliability.failfast import release_run_directory
+    from lmforge.training_cli import LmforgeCLI
 
     if not run and argv and argv[0] in TRAINER_COMMANDS:
         argv = argv[1:]

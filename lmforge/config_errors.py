@@ -7,14 +7,13 @@ of the Union subtypes ... Problem with given class_path ... Option 'n_layr' is n
 
 from __future__ import annotations
 
-import inspect
 import re
 import sys
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lmforge.errors import closest
+from lmforge.errors import class_options, closest
 
 _KEY = re.compile(r'^\s*Parser key "([^"]+)":\s*$')
 _CLASS = re.compile(r"^\s*(?:- )?Problem with given class_path '([^']+)':\s*$")
@@ -39,7 +38,7 @@ def _class_options(class_path: str) -> list[str]:
         cls = import_object(class_path)
     except Exception:
         return []
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    return class_options(cls)
 
 
 def summarize(message: str, known_keys: list[str] | None = None, command: str = "fit") -> str:

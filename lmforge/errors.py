@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class LmforgeError(Exception):
@@ -26,16 +27,14 @@ class LmforgeError(Exception):
 
 def find_user_error(exc: BaseException) -> LmforgeError | None:
     """The LmforgeError behind ``exc``: itself, one it was raised from, or one whose text it quotes."""
-    original, seen = exc, set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, LmforgeError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    original = exc
+    found = in_chain(exc, lambda e: isinstance(e, LmforgeError))
+    if found is not None:
+        return found
     latest = LmforgeError.latest
     if latest is not None and str(latest)[:80].replace("\\", "") in str(original).replace("\\", ""):
         return latest
-    refused = _refused_write(original)
+    refused = in_chain(original, lambda e: isinstance(e, OSError) and e.errno in _WRITE_REFUSED)
     if refused is not None:
         where = f" ({refused.filename})" if refused.filename else ""
         return LmforgeError(
@@ -51,15 +50,23 @@ def find_user_error(exc: BaseException) -> LmforgeError | None:
 _WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _refused_write(exc: BaseException | None) -> OSError | None:
-    """The OSError of a refused write in ``exc``'s cause/context chain, if any."""
+def in_chain(exc: BaseException | None, wanted: Callable[[BaseException], bool]) -> Any:
+    """The first exception in ``exc``'s chain (itself, then what it was raised from or while handling)
+    that ``wanted`` accepts, or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in _WRITE_REFUSED:
+        if wanted(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def class_options(cls: type) -> list[str]:
+    """The options (``__init__`` parameters) a plugin class takes, for "did you mean" hints."""
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

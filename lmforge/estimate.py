@@ -261,11 +261,9 @@ def build_on_meta(config: dict):
 
 def _build(cls: type, options: dict[str, Any], where: str):
     """``cls(**options)``, an option the class does not take named as the training CLI names it."""
-    import inspect
+    from lmforge.errors import class_options, closest
 
-    from lmforge.errors import closest
-
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    accepted = class_options(cls)
     for option in options:
         if option not in accepted:
             raise LmforgeError(

@@ -53,7 +53,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, in_chain
 
 log = logging.getLogger("lmforge.reliability")
 
@@ -78,18 +78,24 @@ _verified: set[tuple[str, int, int]] = set()
 
 
 # -- test hook ---------------------------------------------------------------------------------------
-def _fault_armed(point: str) -> bool:
+def _armed_fault(point: str) -> str | None:
+    """The fault (``kill`` or ``enospc``) the test hook arms at ``point`` of this commit, if any."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return False
-    name, nth, _ = (spec.split(":") + ["", ""])[:3]
-    return name == point and _commits_started == int(nth or 1)
+        return None
+    name, nth, action = (spec.split(":") + ["", ""])[:3]
+    return (action or "kill") if name == point and _commits_started == int(nth or 1) else None
+
+
+def _fault_armed(point: str) -> bool:
+    return _armed_fault(point) is not None
 
 
 def _fault(point: str) -> None:
-    if _fault_armed(point):
-        if os.environ[FAULT_ENV].endswith(":enospc"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{FAULT_ENV} at {point}")
+    action = _armed_fault(point)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{FAULT_ENV} at {point}")
+    if action is not None:
         log.warning("%s=%s: killing this process (SIGKILL) at '%s'", FAULT_ENV, os.environ[FAULT_ENV], point)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -374,7 +380,7 @@ def commit_checkpoint(trainer: Any, checkpoints_dir: Path, weights_only: bool = 
         state = {"rank": rank, "world_size": int(trainer.world_size), "state": rank_state}
         write_file(tmp / f"rank-{rank}.pt", lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as exc:  # a full disk, a quota, a file system gone read-only
-        cause = _os_error_in(exc)  # torch.save reports a failed write as a RuntimeError caused by it
+        cause = in_chain(exc, lambda e: isinstance(e, OSError))  # torch.save wraps it in a RuntimeError
         if cause is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial save took
@@ -412,17 +418,6 @@ def commit_checkpoint(trainer: Any, checkpoints_dir: Path, weights_only: bool = 
         _fault("before-pointer")
     final = Path(strategy.broadcast(str(final)))
     return final
-
-
-def _os_error_in(exc: BaseException | None) -> OSError | None:
-    """The OSError that ``exc`` is or was raised while handling (its cause/context chain), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _save_failed(step: int, checkpoints_dir: Path, exc: OSError) -> LmforgeError:

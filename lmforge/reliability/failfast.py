@@ -5,10 +5,10 @@ immutable directory, missing permissions), before the data is prepared or any fi
 
 :func:`prepare_trainer_call` turns the ``--ckpt_path`` of ``fit | validate | test | predict`` into a
 verified committed checkpoint (``last`` = the newest committed checkpoint of the run directory,
-none yet meaning a fresh start; ``best`` = its ``best-step*.ckpt``), makes Lightning load it with ``weights_only=True``, and loads it once
-(``weights_only``, memory-mapped) to compare its tensors with the model's (names and shapes listed on
-a mismatch) — all before Lightning writes the config, the metrics log or anything else into the run
-directory.
+none yet meaning a fresh start; ``best`` = its ``best-step*.ckpt``), makes Lightning load it with
+``weights_only=True``, and loads it once (``weights_only``, memory-mapped) to compare its tensors
+with the model's (names and shapes listed on a mismatch) — all before Lightning writes the config,
+the metrics log or anything else into the run directory.
 """
 
 from __future__ import annotations
@@ -209,7 +209,6 @@ def warn_uncommitted_checkpoints(callbacks: list[Any]) -> None:
             "committed checkpoints (no manifest), so lmforge will not resume from them. Use class_path: "
             "lmforge.reliability.CommittedCheckpoint, which takes the same options."
         )
-
 
 
 #: The open lock file of the run this process is fitting (released when the command ends).
