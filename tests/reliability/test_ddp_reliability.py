@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,53 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def launch_until_rank_1_trains(cfg: Path, run: Path) -> subprocess.Popen:
+    """``lmforge fit`` through Lightning's launcher, once rank 1 has trained a step.
+
+    A launch that trains nothing for two minutes (rank 1 normally steps within 15 s) is reported
+    with every process's stacks, as a warning, and started once more with a fresh rendezvous port:
+    one CI run saw such a start-up hang, which hundreds of runs here have not repeated. What the
+    test checks (the stop, the exit codes, the exact resume) still has to hold in full.
+    """
+    for attempt in (1, 2):
+        env = {**os.environ, **BASE_ENV, "PYTHONPATH": str(REL_DIR), "MASTER_PORT": str(free_port()),
+               "PYTHONFAULTHANDLER": "1"}  # a hang shows every process's stacks (stacks_of_hung_launch)
+        launcher = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "fit", "--config", str(cfg)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_steps(run, 1, [launcher], rank=1, timeout=120)
+            return launcher
+        except AssertionError as exc:
+            hung = launcher.poll() is None
+            report = f"{exc}\n{stacks_of_hung_launch(launcher)}"
+            if attempt == 2 or not hung:
+                raise AssertionError(report) from None
+            warnings.warn(f"the DDP launch hung before its first step; starting it again. {report}", stacklevel=1)
+            shutil.rmtree(run, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def stacks_of_hung_launch(launcher: subprocess.Popen) -> str:
+    """Abort the launcher and every process under it; returns their output, stacks included."""
+    family, queue = [], [launcher.pid]
+    while queue:
+        pid = queue.pop()
+        family.append(pid)
+        queue.extend(children(pid))
+    for pid in reversed(family):  # faulthandler (PYTHONFAULTHANDLER) prints each one's threads
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+        time.sleep(1)  # one at a time: they all write to the same pipe
+    try:
+        out, err = launcher.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        out, err = launcher.communicate()
+    return f"processes {family}; the launch's output:\n{out[-3000:]}\n{err[-20000:]}"
+
+
 def alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -78,13 +127,10 @@ def test_sigterm_to_one_rank_stops_both_then_resumes_exactly_across_epoch_end(da
     slow = config(data, data["tokenizer"], run, devices=2)
     slow["model"]["init_args"]["objective"]["init_args"] = {"step_seconds": 0.4}  # time to send the signal
     cfg = write(tmp_path / "cfg.yaml", slow)
-    env = {**os.environ, **BASE_ENV, "PYTHONPATH": str(REL_DIR), "MASTER_PORT": str(free_port())}
 
     # 1. Lightning's own launcher (it re-executes the command for rank 1); SIGTERM to rank 1 only.
-    launcher = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "fit", "--config", str(cfg)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = launch_until_rank_1_trains(cfg, run)
     try:
-        wait_for_steps(run, 1, [launcher], rank=1, timeout=240)
         # rank 1 is the child the launcher started with LOCAL_RANK=1 (the others are data-loader workers)
         rank1 = [pid for pid in children(launcher.pid) if b"\0LOCAL_RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
         assert len(rank1) == 1
