@@ -41,10 +41,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import signal
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -283,12 +286,22 @@ def safe_load(file: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """
     try:
         return torch.load(file, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
+    except pickle.UnpicklingError as exc:  # torch's weights_only refusal: the file pickles code or classes
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
         raise LmforgeError(
-            f"Cannot load checkpoint {file}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. It is "
-            "corrupt or truncated, or it holds objects other than tensors and plain data: lmforge loads "
-            "checkpoints with torch.load(weights_only=True) and never unpickles code, so a checkpoint it did "
-            "not write is refused."
+            f"Cannot load checkpoint {file}: it holds objects other than tensors and plain data"
+            f"{f' ({found.group(1)})' if found else ''}. lmforge loads checkpoints with torch.load(weights_only=True) "
+            "and never unpickles code, so a checkpoint it did not write is refused."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a file torch cannot read at all
+        if not zipfile.is_zipfile(file):  # (torch's own words then are about mmap or pickle protocols)
+            reason = "the file is empty" if os.path.getsize(file) == 0 else "not the zip archive torch.save writes"
+        else:
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].split(". ")[0].rstrip(".")
+        raise LmforgeError(
+            f"Cannot load checkpoint {file}: it is not a complete PyTorch checkpoint ({reason}). It was cut short "
+            "(a copy or save that did not finish), damaged, or is another kind of file. Restore it from a copy, or "
+            "pass another checkpoint of the run (its checkpoints/step-* directories)."
         ) from None
 
 

@@ -174,6 +174,23 @@ def test_a_checkpoint_without_a_valid_manifest_is_never_loaded(run, tmp_path, ca
     assert snapshot(run["run"]) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_file_that_is_not_a_whole_checkpoint_is_named_with_its_fault(run, tmp_path, capsys, damage):
+    """``--ckpt_path FILE`` outside a committed checkpoint (no manifest to check it against)."""
+    whole = (committed_checkpoints(run["run"] / "checkpoints")[-1][1] / "model.ckpt").read_bytes()
+    loose = tmp_path / f"{damage}.ckpt"
+    loose.write_bytes({"truncated": whole[: len(whole) // 2], "empty": b"", "text": b"step: 4\n"}[damage])
+    reason = {"truncated": "not the zip archive torch.save writes", "empty": "the file is empty",
+              "text": "not the zip archive torch.save writes"}[damage]
+    before = snapshot(run["run"])
+    for command in ("fit", "validate"):
+        assert run_in_process([command, "--config", str(run["cfg"]), "--ckpt_path", str(loose)]) == 2
+        err = capsys.readouterr().err
+        assert f"lmforge: error: Cannot load checkpoint {loose}: it is not a complete PyTorch checkpoint ({reason})" in err
+        assert "Restore it from a copy" in err and "mmap" not in err and "Traceback" not in err
+    assert snapshot(run["run"]) == before
+
+
 class _Payload:
     """Unpickling this runs ``touch MARKER``: a planted pickle payload."""
 
@@ -205,7 +222,8 @@ def test_a_planted_pickle_payload_is_refused_everywhere(run, tmp_path, capsys, m
     with pytest.raises(LmforgeError, match="weights_only"):
         lmforge.load_model(run["run"])
     assert run_in_process(["fit", "--config", str(run["cfg"]), "--ckpt_path", "last"]) == 2
-    assert "weights_only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weights_only" in err and "it holds objects other than tensors and plain data (posix.system)" in err
     assert run_in_process(["validate", "--config", str(run["cfg"]), "--ckpt_path", "last"]) == 2
     assert "weights_only" in capsys.readouterr().err
     assert not marker.exists()
