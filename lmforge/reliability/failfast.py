@@ -131,10 +131,47 @@ def prepare_trainer_call(
         resolved = str(resolve_checkpoint(ckpt_path))
     fn_kwargs["ckpt_path"] = resolved
     if resolved is not None and model is not None:
-        check_checkpoint_fits(Path(resolved), model, datamodule)
+        saved = check_checkpoint_fits(Path(resolved), model, datamodule)
+        if subcommand == "fit":
+            _warn_if_data_changed(saved, datamodule)
     if resolved is not None and subcommand == "fit":
         _warn_if_nothing_to_train(Path(resolved), trainer)
     return fn_kwargs
+
+
+#: Data options that do not change which rows training sees, or in what order (the tokenizer's
+#: contents are compared on their own, in _check_same_run_kind; val_files only by being set or not).
+_DATA_OPTIONS_OUTSIDE_TRAINING = {"test_files", "predict_files", "num_workers", "cache_dir", "tokenizer"}
+
+
+def _warn_if_data_changed(saved: dict[str, Any], datamodule: Any) -> None:
+    """A resume with other data options than the checkpoint's run continues, but not exactly: say which."""
+    before, now = saved.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None)
+    if not isinstance(before, dict) or not now:
+        return
+    ignored = set(_DATA_OPTIONS_OUTSIDE_TRAINING)
+    if "val_files" in before and (before["val_files"] is None) == (now.get("val_files") is None):
+        ignored.add("val_files")  # other validation files: the training rows stay the same
+        if before["val_files"] is not None:
+            ignored.add("val_fraction")  # the share held out of the training files, used only without val_files
+    changed = [
+        f"data.{name} {_short(before.get(name))} -> {_short(now.get(name))}"
+        for name in sorted(set(before) | set(now))
+        if not name.startswith("_") and name not in ignored and before.get(name) != now.get(name)
+    ]
+    if changed:
+        rank_zero_warn(
+            f"Resuming with other data options than the checkpoint's run: {', '.join(changed)}. Training goes on "
+            "from the checkpoint's step and as many batches into its epoch, but over rows arranged differently, so "
+            "it does not continue that run exactly. That is fine for a deliberate change; to continue exactly, "
+            "resume with the run's own data options (its config.yaml, or the newest config.<time>.yaml beside it)."
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, its middle left out when long (a path keeps its file name)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit // 3]}...{text[-(limit - limit // 3 - 3):]}"
 
 
 def _warn_if_nothing_to_train(checkpoint: Path, trainer: Any) -> None:
@@ -148,21 +185,28 @@ def _warn_if_nothing_to_train(checkpoint: Path, trainer: Any) -> None:
         )
 
 
-def check_checkpoint_fits(file: Path, model: Any, datamodule: Any = None) -> None:
+def check_checkpoint_fits(file: Path, model: Any, datamodule: Any = None) -> dict[str, Any]:
     """Refuse a checkpoint of another model, tokenizer or task head (from its plain-data metadata),
-    then compare its tensors with ``model``'s (``weights_only``, memory-mapped)."""
+    then compare its tensors with ``model``'s (``weights_only``, memory-mapped).
+
+    Returns the checkpoint's dictionary (a ZeRO checkpoint's client state), for further checks.
+    """
     from lmforge.families.base import check_same_shapes
 
     if Path(file).is_dir():  # a DeepSpeed ZeRO checkpoint: shards, with the parameter shapes recorded
         from lmforge.zero_checkpoint import check_zero_checkpoint_fits, read_client_state
 
-        _check_same_run_kind(file, read_client_state(file).get("lmforge") or {}, model, datamodule)
-        return check_zero_checkpoint_fits(file, model)
+        state = read_client_state(file)
+        _check_same_run_kind(file, state.get("lmforge") or {}, model, datamodule)
+        check_zero_checkpoint_fits(file, model)
+        return state
     checkpoint = safe_load(file, mmap=True)
-    if isinstance(checkpoint, dict):
-        _check_same_run_kind(file, checkpoint.get("lmforge") or {}, model, datamodule)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+    if not isinstance(checkpoint, dict):
+        return {}
+    _check_same_run_kind(file, checkpoint.get("lmforge") or {}, model, datamodule)
+    if isinstance(checkpoint.get("state_dict"), dict):
         check_same_shapes(model.state_dict(), checkpoint["state_dict"])
+    return checkpoint
 
 
 def _check_same_run_kind(file: Path, meta: dict[str, Any], model: Any, datamodule: Any) -> None:

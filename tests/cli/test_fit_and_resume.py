@@ -215,6 +215,24 @@ def test_a_resume_past_max_steps_says_it_trains_nothing(trained, tmp_path):
                      "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0
 
 
+def test_a_resume_with_other_data_options_names_them(trained, tmp_path, recwarn):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    resume = ["fit", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run), "--ckpt_path", "last"]
+    # options that leave the training rows and their order alone: no warning
+    other_val = tmp_path / "val.txt"
+    other_val.write_text("Another validation text.\n" * 20)
+    assert main([*resume, "--trainer.max_steps", "7", "--data.num_workers", "1", "--data.val_files", str(other_val)]) == 0
+    assert not [w for w in recwarn if "other data options" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"Resuming with other data options than the checkpoint's run: "
+                                         r"data.batch_size 4 -> 2, data.block_size 32 -> 16, data.val_files '/.*/val.txt' "
+                                         r"-> None\. Training goes on"):
+        assert main([*resume, "--trainer.max_steps", "8", "--data.batch_size", "2", "--data.block_size", "16",
+                     "--data.val_files", "null"]) == 0
+
+
 def test_starting_over_keeps_an_uncommitted_attempts_metrics_apart(trained, tmp_path):
     """`--ckpt_path last` where an earlier attempt logged rows but committed no checkpoint: the fit starts
     over, and the earlier rows move to metrics.<time>.csv instead of mixing with the new ones."""
