@@ -66,6 +66,10 @@ for _pattern in (
     ".*`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
     # val/test losses and task metrics are torchmetrics states, already reduced over every process
     ".*self\\.log\\('(val|test)/[^']*', \\.\\.\\., sync_dist=True\\)` when logging on epoch level.*",
+    # a fit into a run with checkpoints is refused unless it resumes, where they are expected
+    "Checkpoint directory .* exists and is not empty.*",
+    # lmforge's datamodules resume their position (TextDataModule.state_dict), which Lightning does not see
+    ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
 ):
     warnings.filterwarnings("ignore", message=_pattern)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,8 +67,6 @@ def test_load_model_gives_the_trained_logits(trained):
 
 def test_resume_continues_from_the_last_step(trained, tmp_path):
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(trained["run"], run)
     config = write_config(tmp_path / "tiny.yaml", tiny_config({**_paths(trained)}, run, max_steps=9))
     cli = run_trainer_cli(["fit", "--config", str(config), "--ckpt_path", "last"])
@@ -164,9 +165,6 @@ def test_a_run_without_checkpoints_is_not_mixed_with_a_new_one(trained, tmp_path
 def test_a_second_fit_into_a_run_directory_in_use_is_refused(trained, tmp_path, capsys):
     """While another process holds the run directory's lock (a running fit), fit is refused and writes
     nothing; once that process is gone the same command trains and resumes."""
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
     run.mkdir()
     config = write_config(tmp_path / "tiny.yaml", tiny_config(_paths(trained), run, max_steps=2))
@@ -193,8 +191,6 @@ def test_a_second_fit_into_a_run_directory_in_use_is_refused(trained, tmp_path, 
 def test_validate_best_loads_the_checkpoint_with_the_lowest_val_loss(trained, tmp_path):
     """`--ckpt_path best` is the run directory's best-step*.ckpt: validating it gives the lowest val/loss
     the fit logged (Lightning's own `best` only knows a fit of the same process)."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, symlinks=True)  # validate appends to metrics.csv: work on a copy
     with open(run / "metrics.csv") as f:
@@ -206,8 +202,6 @@ def test_validate_best_loads_the_checkpoint_with_the_lowest_val_loss(trained, tm
 
 
 def test_a_resume_past_max_steps_says_it_trains_nothing(trained, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, symlinks=True)
     with pytest.warns(UserWarning, match="The checkpoint is at step 6 and trainer.max_steps is 4: this fit trains nothing"):
@@ -216,8 +210,6 @@ def test_a_resume_past_max_steps_says_it_trains_nothing(trained, tmp_path):
 
 
 def test_a_resume_with_other_data_options_names_them(trained, tmp_path, recwarn):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, symlinks=True)
     resume = ["fit", "--config", str(trained["config"]), "--trainer.default_root_dir", str(run), "--ckpt_path", "last"]
@@ -231,6 +223,21 @@ def test_a_resume_with_other_data_options_names_them(trained, tmp_path, recwarn)
                                          r"-> None\. Training goes on"):
         assert main([*resume, "--trainer.max_steps", "8", "--data.batch_size", "2", "--data.block_size", "16",
                      "--data.val_files", "null"]) == 0
+
+
+def test_a_resume_shows_no_lightning_notice_that_is_wrong_for_lmforge(trained, tmp_path):
+    """Lightning warns that the checkpoint directory is not empty (expected on a resume; a fit that
+    does not resume is refused there) and that a mid-epoch resume is unreliable (lmforge's datamodules
+    resume their position): neither reaches the user."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "fit", "--config", str(trained["config"]), "--trainer.default_root_dir",
+         str(run), "--ckpt_path", "last", "--trainer.max_steps", "7"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in result.stderr
+    assert "exists and is not empty" not in result.stderr
+    assert "dataloader is not resumable" not in result.stderr
 
 
 def test_starting_over_keeps_an_uncommitted_attempts_metrics_apart(trained, tmp_path):
