@@ -90,6 +90,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     check_same_shapes(module.state_dict(), state)
     module.load_state_dict(state)
     module.tokenizer_json = meta.get("tokenizer_json")
+    if module.tokenizer_json:
+        from lmforge.data.tokenizer import check_tokenizer_fits
+
+        check_tokenizer_fits(module.tokenizer(), getattr(architecture, "vocab_size", None), str(path))
     return module.to(map_location).eval()
 
 

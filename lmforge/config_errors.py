@@ -87,11 +87,15 @@ def summarize(message: str, known_keys: list[str] | None = None, command: str = 
 class ConciseArgumentParser(LightningArgumentParser):
     """A LightningArgumentParser whose errors are one paragraph on stderr, then exit status 2."""
 
+    COMMANDS = ("fit", "validate", "test", "predict")
+    #: The subcommand being parsed (set by LmforgeCLI from its arguments), named in the fix.
+    command = "fit"
+
     def error(self, message: str, ex: Exception | None = None):
         if not getattr(self, "exit_on_error", True):
             return super().error(message, ex)
         known = sorted({a.dest for a in _all_actions(self)})
-        command = next((c for c in ("fit", "validate", "test", "predict") if f"'{c}'" in message), "fit")
+        command = next((c for c in self.COMMANDS if f"'{c}'" in message), self.command)
         print(f"lmforge: error: {summarize(message, known, command)}", file=sys.stderr)
         sys.exit(2)
 

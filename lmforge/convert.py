@@ -11,6 +11,7 @@ whose ``hf_model_type`` equals the config's ``model_type`` translates options an
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,27 @@ HF_CONFIG_FILE = "config.json"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+#: Every file a conversion writes, in either direction: --overwrite removes them all first, so no
+#: file of the folder's previous model (a tokenizer the new one lacks) is left beside the new one.
+_WRITTEN_FILES = (MODEL_FILE, META_FILE, TOKENIZER_FILE, HF_CONFIG_FILE)
+
+
 def _prepare_output(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"The output folder {out} already exists and is not empty. Choose a new folder or pass --overwrite.")
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"The output {out} is a file; a conversion writes a folder. Give a new folder's path.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LmforgeError(
+                f"The output folder {out} already exists and is not empty. Choose a new folder or pass --overwrite."
+            )
+        for name in _WRITTEN_FILES:
+            (out / name).unlink(missing_ok=True)
+        others = sorted(p.name for p in out.iterdir())
+        if others:
+            print(f"lmforge: --overwrite kept files that lmforge convert does not write in {out}: "
+                  f"{', '.join(others[:8])}{' ...' if len(others) > 8 else ''}. Remove them if they belonged to the "
+                  "previous model.", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -172,7 +190,10 @@ def hf_to_lmforge(hf_dir: str | Path, out: str | Path, objective: str | None = N
     module = FAMILY_MODULES[family](architecture=architecture, objective=objective_obj)
     tokenizer = Path(hf_dir) / TOKENIZER_FILE
     if tokenizer.is_file():
+        from lmforge.data.tokenizer import check_tokenizer_fits
+
         module.tokenizer_json = tokenizer.read_text()
+        check_tokenizer_fits(module.tokenizer(), getattr(architecture, "vocab_size", None), str(hf_dir))
     return save_model_folder(module, out, overwrite=overwrite)
 
 

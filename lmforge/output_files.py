@@ -35,9 +35,12 @@ def expand_inputs(entries: str | os.PathLike | Iterable[str | os.PathLike] | Non
     return found
 
 
-def check_output_file(path: str | os.PathLike, option: str, overwrite: bool, inputs: Iterable[Path] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike, option: str, overwrite: bool, inputs: Iterable[Path] = (), overwrite_flag: str = "--overwrite"
+) -> Path:
     """Refuse an output that would replace an input, a checkpoint or run file, or (without
-    ``overwrite``) any existing file; return the path."""
+    ``overwrite``) any existing file; return the path. ``overwrite_flag`` is how the command spells
+    the option that allows replacing (the trainer commands take ``--overwrite true``)."""
     path = Path(path)
     target = path.resolve()
     for source in inputs:
@@ -58,7 +61,7 @@ def check_output_file(path: str | os.PathLike, option: str, overwrite: bool, inp
         if not overwrite:
             raise LmforgeError(
                 f"{option} {path} already exists, and lmforge does not replace files it did not just write. Add "
-                f"--overwrite to replace it, or give {option} a new file."
+                f"{overwrite_flag} to replace it, or give {option} a new file."
             )
     return path
 

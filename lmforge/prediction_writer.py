@@ -1,5 +1,8 @@
 """What ``lmforge predict`` writes: one JSON object per input record, as JSON Lines.
 
+A row's ``id`` is the record's own ``id`` when the predict files have that column (as SQuAD-style
+files do), else the record's number in the files, counted from 0.
+
 The rows a task's ``predict_step`` returns for each batch are collected in order, passed once
 through the task's ``finalize_predictions`` (which may merge several rows of one record, e.g. the
 windows of a long question-answering context) and written to a temporary file that is renamed into
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +88,11 @@ class PredictionWriter(BasePredictionWriter):
         rows = [row for _, row in sorted(indexed, key=lambda pair: pair[0])]
         task = getattr(pl_module, "task", None)
         rows = task.finalize_predictions(rows) if task is not None else rows
+        record_ids = getattr(trainer.datamodule, "record_ids", {}).get("predict") if trainer.datamodule else None
+        if record_ids:  # the records' own ids (an `id` column) instead of their row numbers
+            for row in rows:
+                if isinstance(row.get("id"), int) and 0 <= row["id"] < len(record_ids) and record_ids[row["id"]] is not None:
+                    row["id"] = record_ids[row["id"]]
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -91,3 +100,4 @@ class PredictionWriter(BasePredictionWriter):
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
+        print(f"lmforge: wrote {len(rows)} prediction{'' if len(rows) == 1 else 's'} to {path}", file=sys.stderr)

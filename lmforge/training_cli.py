@@ -134,6 +134,8 @@ class LmforgeCLI(LightningCLI):
         install_short_names()
         if args:
             validate_plugin_names(args)
+        given = args if args is not None else sys.argv[1:]
+        ConciseArgumentParser.command = given[0] if given and given[0] in ConciseArgumentParser.COMMANDS else "fit"
         super().__init__(
             LMModule,
             datamodule_class(args if args is not None else sys.argv[1:]),
@@ -229,7 +231,8 @@ class LmforgeCLI(LightningCLI):
             inputs += expand_inputs(section.get("ckpt_path"))
             inputs += [Path(getattr(c, "absolute", c)) for c in section.get("config") or []]  # --config files
             if section.get("output"):
-                output = check_output_file(section.get("output"), "--output", bool(section.get("overwrite")), inputs)
+                output = check_output_file(section.get("output"), "--output", bool(section.get("overwrite")), inputs,
+                                           overwrite_flag="--overwrite true")
             else:
                 output = unused_path(root / "predictions.jsonl")
             callbacks.append(PredictionWriter(str(output)))
@@ -265,7 +268,10 @@ class LmforgeCLI(LightningCLI):
         # and for fit its tensors compared with the model's, before anything is written.
         fn_kwargs = super()._prepare_subcommand_kwargs(subcommand)
         check_input_length(self.model, self.datamodule)
-        return prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model, self.datamodule)
+        fn_kwargs = prepare_trainer_call(subcommand, fn_kwargs, self.trainer, self.model, self.datamodule)
+        if isinstance(self.trainer.logger, RunLogger):
+            self.trainer.logger.record_checkpoint(fn_kwargs.get("ckpt_path"))
+        return fn_kwargs
 
 
 def _raised_by_lightning(exc: BaseException) -> bool:

@@ -65,7 +65,7 @@ from lmforge.plugin_api import Task
 log = logging.getLogger("lmforge.data")
 
 #: Bump when the layout or meaning of cached feature rows changes: old caches are then ignored.
-TASK_DATA_FORMAT_VERSION = 1
+TASK_DATA_FORMAT_VERSION = 2
 
 #: Lightning stage -> the splits it reads.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -121,11 +121,13 @@ def read_records(
     option: str,
     work_dir: str | os.PathLike,
     with_labels: bool = True,
+    keep_ids: bool = False,
 ) -> datasets.Dataset:
     """The records of ``files`` with the task's field names as columns, plus ``example_id``.
 
     Required fields are ``task_cls.fields`` (without ``label_fields`` when ``with_labels`` is
-    false, for predict); optional fields are kept when every file has them.
+    false, for predict); optional fields are kept when every file has them. With ``keep_ids``, a
+    column ``id`` that every file has is kept as ``record_id`` (predictions carry the record's own id).
     """
     mapping = check_columns(task_cls, columns)
     required = [f for f in task_cls.fields if with_labels or f not in task_cls.label_fields]
@@ -152,6 +154,8 @@ def read_records(
         present = required + [f for f in optional if mapping[f] in raw.column_names]
         part = raw.select_columns([mapping[f] for f in present])
         part = part.rename_columns({mapping[f]: f for f in present if mapping[f] != f})
+        if keep_ids and "id" in raw.column_names and "id" not in present:
+            part = part.add_column("record_id", raw.data.column("id").to_pylist())
         parts.append(part)
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
     with _quiet_progress():
@@ -261,6 +265,8 @@ class TaskDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = find_special_tokens(self.tokenizer)
         self.datasets: dict[str, datasets.Dataset] = {}
+        #: split -> the records' own ``id`` values, when their files have an ``id`` column (predict only)
+        self.record_ids: dict[str, list[str | None]] = {}
         self._resume_from: tuple[int, int] | None = None
 
     @property
@@ -320,7 +326,8 @@ class TaskDataModule(L.LightningDataModule):
     def _records(self, split: str, work: Path) -> datasets.Dataset:
         task_cls = type(self._module().task)
         files = self._files(split)
-        records = read_records(files, task_cls, self.columns, _SPLIT_OPTION[split], work, with_labels=split != "predict")
+        records = read_records(files, task_cls, self.columns, _SPLIT_OPTION[split], work, with_labels=split != "predict",
+                               keep_ids=split == "predict")
         if split in ("train", "val") and self.files["val"] is None:
             n = len(records)
             if n < 2:
@@ -340,6 +347,9 @@ class TaskDataModule(L.LightningDataModule):
         tmp.mkdir()
         try:
             records = self._records(split, tmp / "work")
+            if "record_id" in records.column_names:  # kept apart: the task sees only its own fields
+                (tmp / "record_ids.json").write_text(json.dumps(records.data.column("record_id").to_pylist(), default=str))
+                records = records.remove_columns("record_id")
             task = module.task
             fn = functools.partial(
                 _preprocess_naming_files,
@@ -385,6 +395,9 @@ class TaskDataModule(L.LightningDataModule):
         for split in STAGE_SPLITS.get(stage or "fit", ("train", "val")):
             self._build(split)
             self.datasets[split] = datasets.load_from_disk(str(self._cache_path(split) / "rows"))
+            ids = self._cache_path(split) / "record_ids.json"
+            if ids.is_file():
+                self.record_ids[split] = json.loads(ids.read_text())
 
     # -- loaders -----------------------------------------------------------------------------------
     def _collate(self):

@@ -45,6 +45,18 @@ _HOW_TO_MAKE = (
 )
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int | None, model: str) -> None:
+    """Refuse a tokenizer with more tokens than ``model``'s embedding has rows: its higher ids would
+    fail at the first lookup (an IndexError deep in generation) or read another token's row."""
+    tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and tokens > vocab_size:
+        raise LmforgeError(
+            f"The tokenizer stored with {model} has {tokens} tokens, but the model's vocabulary has {vocab_size}: "
+            f"token ids {vocab_size} and up fall outside its embedding. The tokenizer.json beside the weights is not the "
+            "one the model was trained with; put that one in its place."
+        )
+
+
 def find_special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
     """Return the ids of ``tokenizer``'s special tokens, found by role from its vocabulary.
 

@@ -121,6 +121,8 @@ def prepare_trainer_call(
     if accepts and fn_kwargs.get("weights_only") is None:
         fn_kwargs["weights_only"] = True
     ckpt_path = fn_kwargs.get("ckpt_path")
+    if not ckpt_path and subcommand != "fit":
+        _check_has_weights(subcommand, model, Path(trainer.default_root_dir))
     if not ckpt_path or ckpt_path == "hpc" or str(ckpt_path).startswith("registry:"):
         return fn_kwargs
     if ckpt_path == "last":
@@ -137,6 +139,20 @@ def prepare_trainer_call(
     if resolved is not None and subcommand == "fit":
         _warn_if_nothing_to_train(Path(resolved), trainer)
     return fn_kwargs
+
+
+def _check_has_weights(subcommand: str, model: Any, root: Path) -> None:
+    """validate/test/predict without --ckpt_path would use a freshly initialised model: refuse, unless
+    the model starts from saved weights (``model.init_from``)."""
+    if getattr(model, "hparams", {}).get("init_from"):
+        return
+    has_run = (root / "checkpoints").is_dir()
+    raise LmforgeError(
+        f"`lmforge {subcommand}` got no weights to use: without --ckpt_path it would run a freshly initialised "
+        f"model. Pass --ckpt_path last (the newest checkpoint{f' of {root}' if has_run else ' of the run directory'}), "
+        "--ckpt_path best (the lowest val/loss), or the path of a checkpoint; or set model.init_from to start from "
+        "saved architecture weights (an lmforge checkpoint or run, or a Hugging Face model folder)."
+    )
 
 
 #: Data options that do not change which rows training sees, or in what order (the tokenizer's

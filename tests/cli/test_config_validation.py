@@ -53,6 +53,14 @@ def test_bad_overrides_are_named_and_nothing_is_written(config, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_a_config_error_points_to_the_print_config_of_its_own_command(config, tmp_path, capsys, command):
+    for override in (["--data.batch_size", "abc"], ["--data.batch_sz", "3"]):
+        code, err = run_cli([command, "--config", str(config), "--ckpt_path", "last", *override], capsys)
+        assert code == 2 and f"Run `lmforge {command} --print_config` to see every option" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_key_in_a_yaml_file_is_named(corpus, tmp_path, capsys):
     cfg = tiny_config(corpus, tmp_path / "run")
     cfg["model"]["init_args"]["architecture"]["init_args"]["d_modle"] = 64

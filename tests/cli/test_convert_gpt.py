@@ -57,6 +57,49 @@ def test_convert_refuses_to_overwrite(hf_gpt2, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 
+def test_overwrite_leaves_nothing_of_the_previous_model(hf_gpt2, tmp_path, capsys):
+    """A folder that held a model with a tokenizer, overwritten by one without: no stale tokenizer
+    stays beside the new weights; files convert never writes are kept and named."""
+    lm = tmp_path / "lm"
+    assert main(["convert", "hf-to-lmforge", str(hf_gpt2[1]), str(lm)]) == 0
+    bare = tmp_path / "bare"  # the same weights without a tokenizer
+    shutil.copytree(hf_gpt2[1], bare)
+    (bare / "tokenizer.json").unlink()
+    (lm / "notes.txt").write_text("mine")
+    assert main(["convert", "hf-to-lmforge", str(bare), str(lm), "--overwrite"]) == 0
+    assert sorted(p.name for p in lm.iterdir()) == ["lmforge.json", "model.safetensors", "notes.txt"]
+    assert "--overwrite kept files that lmforge convert does not write" in capsys.readouterr().err
+    assert load_model(lm).tokenizer_json is None
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(hf_gpt2, corpus, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    mismatched = tmp_path / "hf"
+    shutil.copytree(hf_gpt2[1], mismatched)
+    bigger = Tokenizer.from_file(str(corpus["tokenizer"]))
+    bigger.add_tokens([f"extra{i}" for i in range(5)])  # 305 tokens for a 300-row embedding
+    bigger.save(str(mismatched / "tokenizer.json"))
+    assert main(["convert", "hf-to-lmforge", str(mismatched), str(tmp_path / "lm")]) == 2
+    err = capsys.readouterr().err
+    assert f"The tokenizer stored with {mismatched} has 305 tokens, but the model's vocabulary has 300" in err
+    assert not (tmp_path / "lm").exists()
+
+    # the same state reached by hand in a model folder: load_model (and so generate) refuses it too
+    assert main(["convert", "hf-to-lmforge", str(hf_gpt2[1]), str(tmp_path / "lm")]) == 0
+    shutil.copyfile(mismatched / "tokenizer.json", tmp_path / "lm" / "tokenizer.json")
+    assert main(["generate", "--checkpoint", str(tmp_path / "lm"), "--prompt", "the cat"]) == 2
+    assert "has 305 tokens, but the model's vocabulary has 300" in capsys.readouterr().err
+
+
+def test_convert_into_a_file_is_refused(hf_gpt2, tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    assert main(["convert", "hf-to-lmforge", str(hf_gpt2[1]), str(target)]) == 2
+    assert f"The output {target} is a file; a conversion writes a folder" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
 def test_init_from_a_hf_folder_and_from_a_converted_folder(hf_gpt2, corpus, tmp_path):
     hf_model, folder = hf_gpt2
     arch = {"class_path": "gpt", "init_args": {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}}

@@ -136,6 +136,35 @@ def test_evaluating_last_of_an_untrained_run_is_refused(trained, tmp_path, capsy
     assert not list((tmp_path / "new-run").rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluating_without_weights_is_refused(trained, tmp_path, capsys, command):
+    """Without --ckpt_path (or model.init_from) the model would be freshly initialised: refused, nothing written."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    before = snapshot(run)
+    test_file = _paths(trained)["val"]
+    assert main([command, "--config", str(trained["config"]), "--trainer.default_root_dir", str(run),
+                 "--data.test_files", str(test_file), "--data.predict_files", str(test_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"lmforge: error: `lmforge {command}` got no weights to use: without --ckpt_path it would run a freshly " \
+           f"initialised model. Pass --ckpt_path last (the newest checkpoint of {run})" in err
+    assert "model.init_from" in err
+    assert snapshot(run) == before
+
+
+def test_evaluation_rows_name_the_checkpoint_and_its_step(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    common = ["--config", str(trained["config"]), "--trainer.default_root_dir", str(run)]
+    assert main(["validate", *common, "--ckpt_path", "last"]) == 0
+    assert main(["validate", *common, "--model.init_from", str(run)]) == 0  # weights, but no checkpoint evaluated
+    with open(run / "metrics.validate.csv") as f:
+        rows = list(csv.DictReader(f))
+    newest = str(run / "checkpoints" / "step-00000006" / "model.ckpt")
+    assert [(r["checkpoint"], r["step"]) for r in rows] == [(newest, "6"), ("", "0")]
+    assert rows[0]["val/loss"] == rows[1]["val/loss"]  # the same weights, both ways
+
+
 def test_lmforge_to_hf_names_the_tokenizers_end_of_text_as_bos_and_eos(trained, tmp_path):
     out = tmp_path / "hf"
     assert main(["convert", "lmforge-to-hf", str(trained["run"]), str(out)]) == 0

@@ -79,7 +79,8 @@ def test_predict_never_writes_over_what_exists(classifier, tmp_path, capsys):
     out = tmp_path / "mine.jsonl"
     out.write_text("my notes\n")
     assert main([*base, "--output", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err and out.read_text() == "my notes\n"
+    assert "already exists" in (err := capsys.readouterr().err) and out.read_text() == "my notes\n"
+    assert "Add --overwrite true to replace it" in err  # how the trainer commands spell it
     assert main([*base, "--output", str(out), "--overwrite", "true"]) == 0
     assert json.loads(out.read_text())["text"] == "Mia laughed and smiled all day."
 
@@ -96,6 +97,8 @@ def test_predict_never_writes_over_what_exists(classifier, tmp_path, capsys):
         assert main(base) == 0
     written = sorted(p.name for p in run.glob("predictions*.jsonl"))
     assert "predictions.jsonl" in written and len(written) == 2  # the second run kept the first's file
+    stamped = next(run / name for name in written if name != "predictions.jsonl")
+    assert f"lmforge: wrote 1 prediction to {stamped}" in capsys.readouterr().err  # where it went
 
 
 def test_two_process_validation_equals_one_process(classifier, tmp_path):

@@ -47,7 +47,7 @@ def test_extractive_qa_fits_and_predicts_one_answer_per_question(tmp_path):
         "extractive_qa.yaml", tmp_path, 7, "--data.max_length", "32", "--model.task.stride", "4"
     )
     assert len(val) == 1 and 0.0 <= float(val[0]["val/exact_match"]) <= float(val[0]["val/f1"]) <= 1.0
-    assert [p["id"] for p in predictions] == list(range(7))
+    assert [p["id"] for p in predictions] == [r["id"] for r in records] == [f"val-{i}" for i in range(7)]  # their own ids
     for record, prediction in zip(records, predictions):
         assert prediction["question"] == record["question"]
         # an answer is "" (no answer) or a piece of its own context
