@@ -288,16 +288,22 @@ def estimate_command(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     trainer = config.get("trainer") or {}
-    devices = args.devices or (trainer.get("devices") if isinstance(trainer.get("devices"), int) else None) or 1
-    num_nodes = args.num_nodes or trainer.get("num_nodes") or 1
+    configured_devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else None
+    devices = _first_given(args.devices, configured_devices, 1)
+    num_nodes = _first_given(args.num_nodes, trainer.get("num_nodes"), 1)
+    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
+        if not isinstance(value, int) or value < 1:
+            raise LmforgeError(f"--{name} (or trainer.{name}) must be a positive number of processes, not {value!r}.")
     strategy, ds_config = _strategy_and_config(
         args.strategy or trainer.get("strategy") or ("ddp" if devices * num_nodes > 1 else "single")
     )
     precision = str(args.precision or trainer.get("precision") or "32-true")
-    precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
-    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
-        if not isinstance(value, int) or value < 1:
-            raise LmforgeError(f"--{name} (or trainer.{name}) must be a positive number of processes, not {value!r}.")
+    precision = {"32": "32-true", "64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise LmforgeError(
+            f"--precision (or trainer.precision) {precision!r} is not a precision Lightning trains with; use one of "
+            f"{', '.join(PRECISIONS)}."
+        )
     world = devices * num_nodes
 
     modules, options = build_on_meta(config)
@@ -306,7 +312,10 @@ def estimate_command(argv: list[str]) -> int:
     persistent = persistent_numel(modules)
     architecture = options["_architecture"]
     batch = int(_get(config, "data.batch_size", 1) or 1)
-    seq = int(_get(config, "data.block_size", 0) or getattr(architecture, "block_size", 0) or 0)
+    # text data: block_size; task data: max_length (its default when the config leaves it out)
+    task_data = _get(config, "data.max_length") is not None or _get(config, "model.task") is not None
+    length = _get(config, "data.block_size") or ((_get(config, "data.max_length") or 128) if task_data else None)
+    seq = int(length or getattr(architecture, "block_size", 0) or 0)
     est = estimate_memory(
         n_params, strategy, world, precision, ds_config=ds_config, persistent_numel=persistent,
         n_layer=getattr(architecture, "n_layer", 0), d_model=getattr(architecture, "d_model", 0),
@@ -336,11 +345,32 @@ def estimate_command(argv: list[str]) -> int:
     return 0
 
 
+#: The precisions an estimate understands (Lightning's names; 16/32/64/bf16 are mapped onto them).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def _first_given(*values: Any) -> Any:
+    """The first value that is not None (0 counts as given, so it is refused rather than replaced)."""
+    return next(v for v in values if v is not None)
+
+
+def _check_strategy_name(name: str) -> None:
+    from lmforge.strategies import ZERO_NAMES
+
+    known = name.lower() in ("single", "auto", "deepspeed") or name.lower() in ZERO_NAMES or name.lower().startswith("ddp")
+    if not known:
+        raise LmforgeError(
+            f"--strategy (or trainer.strategy) '{name}' is not a strategy lmforge estimates: use single, ddp or one "
+            f"of {', '.join(ZERO_NAMES)}."
+        )
+
+
 def _strategy_and_config(strategy: Any) -> tuple[str, dict[str, Any] | None]:
     """(a name :func:`estimate_memory` understands, the DeepSpeed config) for ``trainer.strategy``:
     a name, or a ``class_path``/``init_args`` section (a DeepSpeed strategy's ``config`` JSON file or
     dict, or its ``stage``/``offload_*`` arguments)."""
     if isinstance(strategy, str):
+        _check_strategy_name(strategy)
         return strategy, _ds_config_for(strategy)
     class_path = str((strategy or {}).get("class_path", "ddp"))
     if "deepspeed" not in class_path.lower():

@@ -132,6 +132,9 @@ def test_estimate_counts_parameters_on_the_meta_device_and_orders_the_strategies
         (["--model.architecture.n_layr", "3"],
          "Invalid config at 'model.architecture.n_layr': GPT has no option 'n_layr'. Did you mean 'n_layer'"),
         (["--devices", "-2"], "--devices (or trainer.devices) must be a positive number of processes, not -2."),
+        (["--devices", "0"], "--devices (or trainer.devices) must be a positive number of processes, not 0."),
+        (["--strategy", "deepspeed_stage_9"], "'deepspeed_stage_9' is not a strategy lmforge estimates: use single, ddp"),
+        (["--precision", "13"], "'13' is not a precision Lightning trains with; use one of 32-true, bf16-mixed"),
     ],
 )
 def test_estimate_names_a_bad_option(corpus, tmp_path, capsys, args, expected):
@@ -141,6 +144,26 @@ def test_estimate_names_a_bad_option(corpus, tmp_path, capsys, args, expected):
     assert main(["estimate", "--config", str(config), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmforge: error: ") and expected in err and "Traceback" not in err, err
+
+
+def test_estimate_of_task_data_takes_its_max_length(capsys):
+    """Task data has no block_size: the tokens per row are data.max_length (its default when left out),
+    so a T5 task (an architecture without block_size) is not estimated with 0 tokens."""
+    import json
+
+    from conftest import REPO
+
+    from lmforge.cli import main
+
+    def estimate(config: str, *extra: str) -> dict:
+        assert main(["estimate", "--config", str(REPO / "configs" / "tasks" / config), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["bytes_per_device"]
+
+    t5 = estimate("text_to_text.yaml")
+    assert t5["activations"] > 0
+    short, long = estimate("sequence_classification.yaml", "--data.max_length", "16"), estimate(
+        "sequence_classification.yaml", "--data.max_length", "64")
+    assert short["params"] == long["params"] and long["activations"] > 3 * short["activations"]
 
 
 def test_estimate_formulas():
