@@ -397,16 +397,21 @@ def _check_task_family(module_class_path: str | None, task_cls: type) -> None:
 def _checkpoint_labels(ckpt_path: str, root: Path) -> list[str] | None:
     """The task labels stored with a checkpoint ("last" = the run directory's newest), if any."""
     from lmforge.reliability.checkpoint_io import resolve_checkpoint, safe_load
+    from lmforge.reliability.failfast import best_pointer
 
-    if ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry:"):
+    if ckpt_path == "hpc" or str(ckpt_path).startswith("registry:"):
         return None
     try:
-        file = resolve_checkpoint(root if ckpt_path == "last" else ckpt_path)
+        source = root if ckpt_path == "last" else best_pointer(root, "fit") if ckpt_path == "best" else ckpt_path
+        file = resolve_checkpoint(source)
     except LmforgeError:
         return None  # the trainer call reports the bad path with its own message
-    if file.is_dir():
-        return None
-    checkpoint = safe_load(file, mmap=True)
+    if file.is_dir():  # a DeepSpeed ZeRO checkpoint: its plain-data part
+        from lmforge.zero_checkpoint import read_client_state
+
+        checkpoint = read_client_state(file)
+    else:
+        checkpoint = safe_load(file, mmap=True)
     task = (checkpoint.get("lmforge") or {}).get("task") or {}
     return (task.get("init_args") or {}).get("labels")
 

@@ -93,7 +93,7 @@ def check_input_length(model: Any, datamodule: Any) -> None:
             )
 
 
-def _best_pointer(root: Path, subcommand: str) -> Path:
+def best_pointer(root: Path, subcommand: str) -> Path:
     """``--ckpt_path best``: the run's ``best-step*.ckpt`` pointer (the checkpoint with the lowest
     ``val/loss``; Lightning's own ``best`` only knows the fit of the same process)."""
     checkpoints = root / "checkpoints"
@@ -128,7 +128,7 @@ def prepare_trainer_call(
     if ckpt_path == "last":
         resolved = _resolve_last(Path(trainer.default_root_dir), subcommand)
     elif ckpt_path == "best":
-        resolved = str(resolve_checkpoint(_best_pointer(Path(trainer.default_root_dir), subcommand)))
+        resolved = str(resolve_checkpoint(best_pointer(Path(trainer.default_root_dir), subcommand)))
     else:
         resolved = str(resolve_checkpoint(ckpt_path))
     fn_kwargs["ckpt_path"] = resolved

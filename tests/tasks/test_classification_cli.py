@@ -148,6 +148,18 @@ def test_two_process_predict_writes_the_one_process_file(classifier, tmp_path):
     assert [r["score"] for r in two] == pytest.approx([r["score"] for r in one], abs=1e-5)
 
 
+@pytest.mark.parametrize("ckpt", ["last", "best"])
+def test_predict_takes_the_labels_from_the_checkpoint_without_the_training_files(classifier, tmp_path, ckpt):
+    """The labels a head was trained with come from the checkpoint (`last`, `best` or a path): the
+    training files need not be there (a prediction on another machine)."""
+    records = tmp_path / "new.jsonl"
+    records.write_text(json.dumps({"text": "Mia laughed and smiled all day."}) + "\n")
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--config", str(classifier["config"]), "--ckpt_path", ckpt, "--data.predict_files",
+                 str(records), "--data.train_files", str(tmp_path / "not-here.jsonl"), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["label"] in ("calm", "happy", "sad")
+
+
 def test_token_classification_fits_and_predicts_word_tags(tmp_path):
     cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache", max_epochs=1, limit_train_batches=6)
     config = write_config(tmp_path / "cfg.yaml", cfg)
