@@ -52,6 +52,14 @@ def summarize(message: str, known_keys: list[str] | None = None, command: str = 
         hint = closest(key, known_keys or [])
         return f"Unknown config key '{key}'.{hint} {fix}"
 
+    choices = _literal_choices(message)
+    if choices:  # a value outside a union of literal values (trainer.precision): every accepted value
+        key = _KEY.match(message.splitlines()[0])
+        where = key.group(1) if key else "?"
+        given = re.search(r"Given value: (.*)", message)
+        return (f"Invalid config at '{where}': {given.group(1).strip() if given else 'the value'} is not one of "
+                f"{', '.join(choices)}. {fix}")
+
     path: list[str] = []
     class_path = None
     reason = None
@@ -82,6 +90,20 @@ def summarize(message: str, known_keys: list[str] | None = None, command: str = 
         reason = f"{class_path.rsplit('.', 1)[-1]} has no option '{bad_option.group(1)}'"
     owner = f" ({class_path.rsplit('.', 1)[-1]})" if class_path and not bad_option else ""
     return f"Invalid config at '{where}'{owner}: {reason}.{hint} {fix}".replace("..", ".")
+
+
+_LITERAL = re.compile(r"^\s*- Expected a typing\.Literal\[(.*)\]\s*$")
+
+
+def _literal_choices(message: str) -> list[str]:
+    """The accepted values of a one-key error whose every alternative is a set of literal values."""
+    if message.count("Parser key") != 1 or "Does not validate against any of the Union subtypes" not in message:
+        return []
+    expected = [line.strip() for line in message.splitlines() if line.strip().startswith("- Expected a ")]
+    if not expected or not all(_LITERAL.match(e) or e == "- Expected a <class 'NoneType'>" for e in expected):
+        return []
+    values = [v.strip() for e in expected if (m := _LITERAL.match(e)) for v in m.group(1).split(",")]
+    return list(dict.fromkeys(values)) + (["null"] if "- Expected a <class 'NoneType'>" in expected else [])
 
 
 class ConciseArgumentParser(LightningArgumentParser):

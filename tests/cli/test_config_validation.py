@@ -32,6 +32,7 @@ def run_cli(args, capsys):
         (["--data.batch_sz", "3"], r"Unknown config key 'data.batch_sz'. Did you mean 'data.batch_size'"),
         (["--model.architecture.n_layr", "3"], r"'model.architecture.n_layr': GPT has no option 'n_layr'. Did you mean 'n_layer'"),
         (["--model.architecture.n_layer", "three"], r"'model.architecture.n_layer' \(GPT\): Expected a <class 'int'>. Got value: three"),
+        (["--trainer.precision", "13"], r"'trainer.precision': 13 is not one of 64, 32, 16, .*'bf16-mixed', '32-true'.*null\."),
         (["--model.architecture.position", "absolute"], r"'model.architecture.position' \(GPT\): Expected a typing.Literal\['learned', 'rotary'\]"),
         (["--model.architecture", "gtp"], r"Unknown architecture 'gtp'. Did you mean 'gpt'\?"),
         (["--model.objective", "mlmm"], r"Unknown objective 'mlmm'"),
