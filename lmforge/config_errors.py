@@ -85,7 +85,8 @@ def summarize(message: str, known_keys: list[str] | None = None, command: str = 
     hint = ""
     bad_option = _NOT_ACCEPTED.search(reason)
     if bad_option and class_path:
-        hint = closest(bad_option.group(1), _class_options(class_path))
+        # 'tsk.init_args.x' (a misspelled section): the section's name is what to match
+        hint = closest(bad_option.group(1).split(".")[0], _class_options(class_path))
         where = f"{where}.{bad_option.group(1)}" if where else bad_option.group(1)
         reason = f"{class_path.rsplit('.', 1)[-1]} has no option '{bad_option.group(1)}'"
     owner = f" ({class_path.rsplit('.', 1)[-1]})" if class_path and not bad_option else ""
@@ -100,7 +101,9 @@ def _literal_choices(message: str) -> list[str]:
     if message.count("Parser key") != 1 or "Does not validate against any of the Union subtypes" not in message:
         return []
     expected = [line.strip() for line in message.splitlines() if line.strip().startswith("- Expected a ")]
-    if not expected or not all(_LITERAL.match(e) or e == "- Expected a <class 'NoneType'>" for e in expected):
+    if not any(_LITERAL.match(e) for e in expected) or "Problem with given class_path" in message or not all(
+        _LITERAL.match(e) or e == "- Expected a <class 'NoneType'>" for e in expected
+    ):
         return []
     values = [v.strip() for e in expected if (m := _LITERAL.match(e)) for v in m.group(1).split(",")]
     return list(dict.fromkeys(values)) + (["null"] if "- Expected a <class 'NoneType'>" in expected else [])

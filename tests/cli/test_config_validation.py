@@ -62,6 +62,15 @@ def test_a_config_error_points_to_the_print_config_of_its_own_command(config, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelled_plugin_section_in_a_yaml_file_suggests_the_section(corpus, tmp_path, capsys):
+    cfg = tiny_config(corpus, tmp_path / "run")
+    cfg["model"]["init_args"]["objectiv"] = cfg["model"]["init_args"].pop("objective")
+    cfg["model"]["init_args"]["objectiv"]["init_args"] = {"ignore_index": -100}
+    code, err = run_cli(["fit", "--config", str(write_config(tmp_path / "bad.yaml", cfg))], capsys)
+    assert code == 2 and "has no option 'objectiv.init_args.ignore_index'. Did you mean 'objective'" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_key_in_a_yaml_file_is_named(corpus, tmp_path, capsys):
     cfg = tiny_config(corpus, tmp_path / "run")
     cfg["model"]["init_args"]["architecture"]["init_args"]["d_modle"] = 64
