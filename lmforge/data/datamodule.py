@@ -257,6 +257,18 @@ def _load_builder(fmt: str, paths: list[Path], work_dir: Path) -> datasets.Datas
     )
 
 
+def holds_no_records(exc: BaseException) -> bool:
+    """Whether a 🤗 datasets loading failure means the file has no records (blank lines, a bare CSV header)."""
+    return "corresponds to no data" in str(exc.__cause__ or exc)
+
+
+def no_records_error(option: str, path: Path) -> LmforgeError:
+    return LmforgeError(
+        f"{option}: '{path}' holds no records (only blank lines, or a header without rows). Put one record per row "
+        "in it, or remove it from the data files."
+    )
+
+
 def _load_saved(path: Path, option: str) -> datasets.Dataset:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
@@ -308,6 +320,8 @@ def _diagnose_load_failure(
                         f"{option}: '{path}' has the columns {names} but '{first}' has {first_columns}; files read "
                         f"together must have the same columns. Make the columns match, or convert the files."
                     )
+    if holds_no_records(exc):
+        return no_records_error(option, paths[0])
     return LmforgeError(
         f"{option}: could not read '{paths[0]}' as a {fmt} file ({first_line(exc)}). Check that the file is "
         f"well-formed {fmt.upper()} and that all files given together have the same columns."

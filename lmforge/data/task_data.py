@@ -56,6 +56,8 @@ from lmforge.data.datamodule import (
     default_cache_dir,
     find_bad_json_line,
     held_out_mask,
+    holds_no_records,
+    no_records_error,
     resolve_data_files,
 )
 from lmforge.data.tokenizer import find_special_tokens, load_tokenizer, resolve_tokenizer_path
@@ -107,6 +109,8 @@ def _load_source(source: DataSource, work: Path, option: str) -> datasets.Datase
                     f"'{source.path}' line {bad[0]} is not a valid JSON object ({bad[1]}). Each line of a JSON "
                     "Lines file must be one record such as {\"text\": \"...\", \"label\": \"...\"}; fix or delete it."
                 ) from None
+        if holds_no_records(exc):
+            raise no_records_error(option, source.path) from None
         reason = str(exc.__cause__ or exc).strip().splitlines()
         raise LmforgeError(
             f"{option}: could not read '{source.path}' as a {source.format} file ({reason[0] if reason else exc}). "

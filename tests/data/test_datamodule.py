@@ -159,6 +159,11 @@ def test_error_empty_file(tmp_path):
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": null}\n')
     with pytest.raises(LmforgeError, match=r"contain no documents \(column 'text'\)"):
         read_documents(str(tmp_path / "blank.jsonl"))
+    (tmp_path / "lines.jsonl").write_text("\n\n\n")  # no records at all, and a CSV header without rows
+    (tmp_path / "header.csv").write_text("text\n")
+    for name in ("lines.jsonl", "header.csv"):
+        with pytest.raises(LmforgeError, match=rf"'.*{name}' holds no records \(only blank lines, or a header"):
+            read_documents(str(tmp_path / name))
 
 
 def test_error_missing_column_lists_existing_columns(tmp_path):

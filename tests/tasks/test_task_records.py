@@ -47,6 +47,10 @@ def test_a_missing_column_names_the_file_and_the_mapping(tmp_path):
     txt.write_text("the cat\n")
     with pytest.raises(LmforgeError, match="is a .txt file, which has no columns"):
         read_records(str(txt), SequenceClassification, None, "train_files", tmp_path / "work")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(LmforgeError, match=r"train_files: '.*blank\.jsonl' holds no records"):
+        read_records(str(blank), SequenceClassification, None, "train_files", tmp_path / "work")
 
 
 def test_a_record_without_a_required_field_is_named(tmp_path):
