@@ -3,7 +3,8 @@
 Records have ``words`` (a list of words, or a string split on whitespace) and ``tags`` (one tag
 per word, as a list or a whitespace-separated string). A word may become several sub-tokens: its
 tag is learnt and predicted on the first one, the others are ignored (label -100). Words cut off by
-``data.max_length`` are not scored, and ``predict`` tags them ``O``.
+``data.max_length`` are not scored, and ``predict`` gives them no tag (``null``, with a warning):
+the model never saw them, so any tag would be a guess.
 
 Metrics (streaming): entity-level precision / recall / F1 with seqeval's default semantics
 (:class:`lmforge.metrics.EntityF1`) and the accuracy of word tags (torchmetrics).
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import Accuracy
 
@@ -167,8 +169,13 @@ class TokenClassification(Task):
         predicted = self.head(module.token_features(batch)).detach().argmax(-1)  # (B, T)
         rows = []
         for i, words in enumerate(batch["words"]):
-            tags = [self.labels[int(t)] for t in predicted[i][batch["word_starts"][i].bool()]]
-            tags += ["O"] * (len(words) - len(tags))  # words cut off by max_length
+            tags: list[str | None] = [self.labels[int(t)] for t in predicted[i][batch["word_starts"][i].bool()]]
+            if len(tags) < len(words):  # words past data.max_length were never seen: no tag, not a guessed "O"
+                rank_zero_warn(
+                    "Some records are longer than data.max_length tokens: their words past it get no tag (null) in "
+                    "the predictions. Raise data.max_length (up to what the architecture accepts) to tag them."
+                )
+                tags += [None] * (len(words) - len(tags))
             rows.append({"id": int(batch["example_id"][i]), "words": words, "tags": tags})
         return rows
 

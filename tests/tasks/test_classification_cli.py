@@ -176,6 +176,17 @@ def test_token_classification_fits_and_predicts_word_tags(tmp_path):
     assert [r["words"] for r in rows] == [s.split() for s in sentences]
     assert all(len(r["tags"]) == len(r["words"]) and set(r["tags"]) <= set(tags) for r in rows)
 
+    # words past data.max_length were never seen by the model: no tag, and a warning says so
+    out = tmp_path / "short.jsonl"
+    with pytest.warns(UserWarning, match="longer than data.max_length tokens: their words past it get no tag"):
+        assert main(["predict", "--config", str(config), "--ckpt_path", "last", "--data.predict_files", str(records),
+                     "--data.max_length", "6", "--output", str(out)]) == 0
+    short = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in short:
+        tagged = [t for t in row["tags"] if t is not None]
+        assert len(row["tags"]) == len(row["words"]) and 0 < len(tagged) < len(row["words"])
+        assert row["tags"] == tagged + [None] * (len(row["words"]) - len(tagged)) and set(tagged) <= set(tags)
+
 
 def test_a_family_the_task_does_not_support_is_refused_before_training(tmp_path, capsys):
     cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache")
