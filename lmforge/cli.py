@@ -7,7 +7,6 @@ user mistake ends as one paragraph on stderr and exit status 2, never a tracebac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hidden network: nothing is ever downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lmforge.errors import LmforgeError, closest, find_user_error  # noqa: E402
+from lmforge.errors import LmforgeError, ToolArgumentParser, closest, find_user_error  # noqa: E402
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -164,7 +163,7 @@ def run_trainer_cli(argv: list[str], run: bool = True):
 # -- tools -----------------------------------------------------------------------------------------
 def plugins_command(argv: list[str]) -> int:
     kinds, families = ("architecture", "objective", "task"), ("decoder", "encoder", "seq2seq")
-    parser = argparse.ArgumentParser(prog="lmforge plugins", description="List, check and create plugins.")
+    parser = ToolArgumentParser(prog="lmforge plugins", description="List, check and create plugins.")
     sub = parser.add_subparsers(dest="action", required=True)
     listing = sub.add_parser("list", help="every plugin: name, kind, families, package, version, status")
     listing.add_argument("--json", action="store_true", help="print JSON (broken plugins with a traceback summary)")
@@ -244,7 +243,7 @@ def plugins_command(argv: list[str]) -> int:
 
 
 def tokenizer_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge tokenizer", description="Train tokenizers.")
+    parser = ToolArgumentParser(prog="lmforge tokenizer", description="Train tokenizers.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a tokenizer from text files and write tokenizer.json")
     train.add_argument("files", nargs="+", help=".txt (one document per line), .jsonl, .csv or .parquet files")
@@ -272,7 +271,7 @@ def tokenizer_command(argv: list[str]) -> int:
 
 
 def generate_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog="lmforge generate",
         description="Generate text with a decoder checkpoint (continues each prompt) or a seq2seq checkpoint "
         "(each prompt is the encoder input; prints the decoder output). A single prompt is printed as it is "
@@ -348,14 +347,17 @@ def generate_command(argv: list[str]) -> int:
         and not args.no_stream and not args.output
     if stream:
         text = TextStream(text_of, config.stop_strings)
+        started = []
 
         def show(tokens: list[int | None]) -> None:
+            if not started:  # the prompt, once generation has begun (a refused prompt prints nothing)
+                started.append(True)
+                print(shown_prompt(prompts[0]), end="", flush=True)
             if tokens[0] is not None:
                 print(text.push(tokens[0]), end="", flush=True)
 
-        print(shown_prompt(prompts[0]), end="", flush=True)
         run(prompts, on_token=show)
-        print(text.finish())
+        print(("" if started else shown_prompt(prompts[0])) + text.finish())
         return 0
     partial = temporary_sibling(Path(args.output)) if args.output else None
     try:
@@ -477,7 +479,7 @@ def _token_id(tokenizer, token: str) -> int:
 
 
 def convert_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge convert", description="Convert model weights between formats.")
+    parser = ToolArgumentParser(prog="lmforge convert", description="Convert model weights between formats.")
     sub = parser.add_subparsers(dest="action", required=True)
     to_lmforge = sub.add_parser("hf-to-lmforge", help="a Hugging Face folder -> an lmforge model folder")
     to_lmforge.add_argument("source", help="folder with config.json and model.safetensors")

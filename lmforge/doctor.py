@@ -22,13 +22,14 @@ Checks, each printed with what was found and, on failure, what to fix (exit stat
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+
+from lmforge.errors import ToolArgumentParser
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -264,7 +265,7 @@ def run_checks(env: dict[str, str], devices: int | None, num_nodes: int | None, 
 
 
 def doctor_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog="lmforge doctor",
         description="Preflight checks for a (multi-node) launch: launcher variables, rendezvous address and port, "
         "the process-group backend, CPU cores. Exit status 1 if a check fails.",

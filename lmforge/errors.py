@@ -7,6 +7,7 @@ the culprit and the fix. The CLI prints that paragraph and exits with status 2, 
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 from collections.abc import Callable, Iterable
@@ -23,6 +24,14 @@ class LmforgeError(Exception):
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         LmforgeError.latest = self
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """argparse for lmforge's tool commands: a bad argument is one ``lmforge: error:`` line and exit
+    status 2, like every other lmforge error, instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"lmforge: error: {self.prog}: {message}. `{self.prog} --help` lists the options.\n")
 
 
 def find_user_error(exc: BaseException) -> LmforgeError | None:

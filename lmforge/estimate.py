@@ -27,12 +27,11 @@ parameters) to host memory: they are then reported as host memory, not device me
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, ToolArgumentParser
 
 MB = 1024**2
 GB = 1024**3
@@ -274,7 +273,7 @@ def _build(cls: type, options: dict[str, Any], where: str):
 
 
 def estimate_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog="lmforge estimate",
         description="Expected memory per device (parameters, gradients, optimizer states, activations) for a "
         "training config, before launching anything. Extra --dotted.key value arguments override the config.",

@@ -112,6 +112,10 @@ def test_bad_requests_are_refused(model_folder, tmp_path, capsys, monkeypatch):
     ):
         assert main([*base, *args]) == 2
         assert message in capsys.readouterr().err
+    # a prompt longer than the model takes: refused before anything is printed (streamed output starts later)
+    assert main([*base, "--prompt", "the cat sat " * 40]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("lmforge: error: The prompt (") and "exceeds the model's block_size (64)" in err
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert main([*base, "--prompts_file", str(tmp_path / "blank.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err

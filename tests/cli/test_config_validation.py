@@ -71,6 +71,21 @@ def test_a_misspelled_plugin_section_in_a_yaml_file_suggests_the_section(corpus,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["generate", "--checkpoint", "x", "--max_new_tokens", "abc"],
+         "lmforge generate: argument --max_new_tokens: invalid int value: 'abc'. `lmforge generate --help`"),
+        (["plugins", "new", "x", "--kind", "bogus"], "lmforge plugins new: argument --kind: invalid choice: 'bogus'"),
+        (["estimate", "--config", "c.yaml", "--devices", "abc"], "lmforge estimate: argument --devices: invalid int"),
+        (["doctor", "--bogus"], "lmforge doctor: unrecognized arguments: --bogus."),
+    ],
+)
+def test_a_bad_tool_argument_is_one_line(capsys, argv, expected):
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith(f"lmforge: error: {expected}") and len(err.strip().splitlines()) == 1, err
+
+
 def test_unknown_key_in_a_yaml_file_is_named(corpus, tmp_path, capsys):
     cfg = tiny_config(corpus, tmp_path / "run")
     cfg["model"]["init_args"]["architecture"]["init_args"]["d_modle"] = 64
