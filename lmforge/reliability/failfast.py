@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -143,15 +144,22 @@ def prepare_trainer_call(
 
 def _check_has_weights(subcommand: str, model: Any, root: Path) -> None:
     """validate/test/predict without --ckpt_path would use a freshly initialised model: refuse, unless
-    the model starts from saved weights (``model.init_from``)."""
-    if getattr(model, "hparams", {}).get("init_from"):
+    the model starts from saved weights (``model.init_from``) and has no task head of its own (a head
+    is always new, so only a checkpoint holds trained head weights)."""
+    task = getattr(model, "task", None)
+    has_head = isinstance(task, torch.nn.Module) and any(True for _ in task.parameters())
+    if getattr(model, "hparams", {}).get("init_from") and not has_head:
         return
     has_run = (root / "checkpoints").is_dir()
+    alternative = (
+        f"; model.init_from loads only the backbone, and the '{task.name}' head is trained only in a checkpoint"
+        if has_head else "; or set model.init_from to start from saved architecture weights (an lmforge checkpoint "
+        "or run, or a Hugging Face model folder)"
+    )
     raise LmforgeError(
         f"`lmforge {subcommand}` got no weights to use: without --ckpt_path it would run a freshly initialised "
         f"model. Pass --ckpt_path last (the newest checkpoint{f' of {root}' if has_run else ' of the run directory'}), "
-        "--ckpt_path best (the lowest val/loss), or the path of a checkpoint; or set model.init_from to start from "
-        "saved architecture weights (an lmforge checkpoint or run, or a Hugging Face model folder)."
+        f"--ckpt_path best (the lowest val/loss), or the path of a checkpoint{alternative}."
     )
 
 

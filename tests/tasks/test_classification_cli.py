@@ -160,6 +160,17 @@ def test_predict_takes_the_labels_from_the_checkpoint_without_the_training_files
     assert json.loads(out.read_text())["label"] in ("calm", "happy", "sad")
 
 
+def test_evaluating_a_task_head_needs_a_checkpoint_not_init_from(classifier, tmp_path, capsys):
+    """init_from loads the backbone only: the head would be freshly initialised, so it is refused."""
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--config", str(classifier["config"]), "--model.init_from", str(classifier["run"]),
+                 "--data.predict_files", str(TASKS / "sequence_classification" / "val.jsonl"),
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "got no weights to use" in err and "the 'sequence_classification' head is trained only in a checkpoint" in err
+    assert not out.exists()
+
+
 def test_token_classification_fits_and_predicts_word_tags(tmp_path):
     cfg = shipped_config("token_classification", tmp_path / "run", tmp_path / "cache", max_epochs=1, limit_train_batches=6)
     config = write_config(tmp_path / "cfg.yaml", cfg)
