@@ -376,7 +376,7 @@ def fill_task_labels(cfg, subcommand: str | None) -> None:
     labels = None
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        labels = _checkpoint_labels(ckpt_path, Path(cfg.trainer.default_root_dir or DEFAULT_ROOT))
+        labels = _checkpoint_labels(ckpt_path, Path(cfg.trainer.default_root_dir or DEFAULT_ROOT), subcommand)
     if labels is None:
         from lmforge.data.task_data import infer_task_labels
 
@@ -394,25 +394,19 @@ def _check_task_family(module_class_path: str | None, task_cls: type) -> None:
             check_supports(family, None, None, task_cls)
 
 
-def _checkpoint_labels(ckpt_path: str, root: Path) -> list[str] | None:
-    """The task labels stored with a checkpoint ("last" = the run directory's newest), if any."""
-    from lmforge.reliability.checkpoint_io import resolve_checkpoint, safe_load
-    from lmforge.reliability.failfast import best_pointer
+def _checkpoint_labels(ckpt_path: str, root: Path, subcommand: str | None) -> list[str] | None:
+    """The task labels stored with the checkpoint ``--ckpt_path`` names (last, best or a path), if any."""
+    from lmforge.reliability.failfast import load_checkpoint_state, resolve_ckpt_path
 
     if ckpt_path == "hpc" or str(ckpt_path).startswith("registry:"):
         return None
     try:
-        source = root if ckpt_path == "last" else best_pointer(root, "fit") if ckpt_path == "best" else ckpt_path
-        file = resolve_checkpoint(source)
+        file = resolve_ckpt_path(ckpt_path, root, subcommand or "fit")
     except LmforgeError:
         return None  # the trainer call reports the bad path with its own message
-    if file.is_dir():  # a DeepSpeed ZeRO checkpoint: its plain-data part
-        from lmforge.zero_checkpoint import read_client_state
-
-        checkpoint = read_client_state(file)
-    else:
-        checkpoint = safe_load(file, mmap=True)
-    task = (checkpoint.get("lmforge") or {}).get("task") or {}
+    if file is None:
+        return None
+    task = (load_checkpoint_state(Path(file)).get("lmforge") or {}).get("task") or {}
     return (task.get("init_args") or {}).get("labels")
 
 

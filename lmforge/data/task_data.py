@@ -270,7 +270,7 @@ class TaskDataModule(L.LightningDataModule):
         self.special = find_special_tokens(self.tokenizer)
         self.datasets: dict[str, datasets.Dataset] = {}
         #: split -> the records' own ``id`` values, when their files have an ``id`` column (predict only)
-        self.record_ids: dict[str, list[str | None]] = {}
+        self.record_ids: dict[str, list[Any]] = {}
         self._resume_from: tuple[int, int] | None = None
 
     @property

@@ -90,10 +90,6 @@ def _armed_fault(point: str) -> str | None:
     return (action or "kill") if name == point and _commits_started == int(nth or 1) else None
 
 
-def _fault_armed(point: str) -> bool:
-    return _armed_fault(point) is not None
-
-
 def _fault(point: str) -> None:
     action = _armed_fault(point)
     if action == "enospc":
@@ -326,7 +322,7 @@ class CommittedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("lmforge's checkpoint I/O takes no storage_options")
-        write_file(Path(path), lambda f: torch.save(checkpoint, f), fault_mid_file=_in_commit and _fault_armed("mid-file"))
+        write_file(Path(path), lambda f: torch.save(checkpoint, f), fault_mid_file=_in_commit and _armed_fault("mid-file") is not None)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         file = resolve_checkpoint(path)

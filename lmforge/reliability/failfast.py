@@ -72,7 +72,6 @@ def _resolve_last(root: Path, subcommand: str) -> str | None:
             "Train it first with `lmforge fit` and the same config, set --trainer.default_root_dir to the run "
             "that holds them, or name a checkpoint with --ckpt_path."
         )
-    rank_zero_info(f"`--ckpt_path last`: no checkpoint in {checkpoints} yet; training starts from the beginning.")
     return None
 
 
@@ -126,12 +125,10 @@ def prepare_trainer_call(
         _check_has_weights(subcommand, model, Path(trainer.default_root_dir))
     if not ckpt_path or ckpt_path == "hpc" or str(ckpt_path).startswith("registry:"):
         return fn_kwargs
-    if ckpt_path == "last":
-        resolved = _resolve_last(Path(trainer.default_root_dir), subcommand)
-    elif ckpt_path == "best":
-        resolved = str(resolve_checkpoint(best_pointer(Path(trainer.default_root_dir), subcommand)))
-    else:
-        resolved = str(resolve_checkpoint(ckpt_path))
+    root = Path(trainer.default_root_dir)
+    resolved = resolve_ckpt_path(ckpt_path, root, subcommand)
+    if resolved is None:
+        rank_zero_info(f"`--ckpt_path last`: no checkpoint in {root / 'checkpoints'} yet; training starts from the beginning.")
     fn_kwargs["ckpt_path"] = resolved
     if resolved is not None and model is not None:
         saved = check_checkpoint_fits(Path(resolved), model, datamodule)
@@ -140,6 +137,26 @@ def prepare_trainer_call(
     if resolved is not None and subcommand == "fit":
         _warn_if_nothing_to_train(Path(resolved), trainer)
     return fn_kwargs
+
+
+def resolve_ckpt_path(ckpt_path: str, root: Path, subcommand: str) -> str | None:
+    """``--ckpt_path`` of a trainer command as a checkpoint file: ``last`` (the newest committed
+    checkpoint of ``root``; None for a first ``fit``), ``best`` (its best-step pointer) or a path."""
+    if ckpt_path == "last":
+        return _resolve_last(root, subcommand)
+    if ckpt_path == "best":
+        return str(resolve_checkpoint(best_pointer(root, subcommand)))
+    return str(resolve_checkpoint(ckpt_path))
+
+
+def load_checkpoint_state(file: Path) -> dict[str, Any]:
+    """A checkpoint's dictionary, memory-mapped and ``weights_only`` (a ZeRO checkpoint's client state)."""
+    if Path(file).is_dir():
+        from lmforge.zero_checkpoint import read_client_state
+
+        return read_client_state(file)
+    checkpoint = safe_load(file, mmap=True)
+    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
 def _check_has_weights(subcommand: str, model: Any, root: Path) -> None:
@@ -217,18 +234,13 @@ def check_checkpoint_fits(file: Path, model: Any, datamodule: Any = None) -> dic
     """
     from lmforge.families.base import check_same_shapes
 
-    if Path(file).is_dir():  # a DeepSpeed ZeRO checkpoint: shards, with the parameter shapes recorded
-        from lmforge.zero_checkpoint import check_zero_checkpoint_fits, read_client_state
-
-        state = read_client_state(file)
-        _check_same_run_kind(file, state.get("lmforge") or {}, model, datamodule)
-        check_zero_checkpoint_fits(file, model)
-        return state
-    checkpoint = safe_load(file, mmap=True)
-    if not isinstance(checkpoint, dict):
-        return {}
+    checkpoint = load_checkpoint_state(file)
     _check_same_run_kind(file, checkpoint.get("lmforge") or {}, model, datamodule)
-    if isinstance(checkpoint.get("state_dict"), dict):
+    if Path(file).is_dir():  # a DeepSpeed ZeRO checkpoint: shards, with the parameter shapes recorded
+        from lmforge.zero_checkpoint import check_zero_checkpoint_fits
+
+        check_zero_checkpoint_fits(file, model)
+    elif isinstance(checkpoint.get("state_dict"), dict):
         check_same_shapes(model.state_dict(), checkpoint["state_dict"])
     return checkpoint
 
